@@ -1,0 +1,382 @@
+"""ChatGLM-6B (the GLM architecture) for transformers 5: config-driven, SDPA attention, KV cache, prompt tuning.
+
+Computes what THUDM's official ChatGLM-6B implementation computes and loads its checkpoints by the official
+parameter names. What differs is how, not what:
+- activations are laid out [batch, seq, hidden] (the official code used [seq, batch, hidden]);
+- attention runs through `scaled_dot_product_attention` (`attn_implementation="eager"` keeps a plain softmax);
+- rotary tables are computed in float32 from the positions, once per forward, for all layers;
+- generation uses the standard `DynamicCache` and left padding is masked, so a batch decodes like single rows;
+- the model never freezes parameters: the fine-tuning scripts decide what trains.
+
+The GLM layout: `prompt tokens, [gMASK], <sop>, answer..., <eop>`. Everything before `<sop>` is the context,
+which attends bidirectionally; from `<sop>` on attention is causal. Positions are two-dimensional: the first
+counts through the context and then stays at the `[gMASK]` position, the second (the block position) is 0 in
+the context and counts 1, 2, ... from `<sop>` on.
+
+Prompt tuning (`pre_seq_len`): by default the prefix encoder produces keys and values for every layer
+(P-Tuning v2, with `prefix_projection` through a two-layer MLP); with `prompt_embedding_only` it produces
+`pre_seq_len` soft token embeddings put before the input (P-Tuning v1), which are part of the context.
+"""
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import GenerationMixin, PreTrainedModel
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+
+from configuration_chatglm import ChatGLMConfig
+
+ROPE_BASE = 10000.0
+MASKED_SCORE = -10000.0  # the official code fills masked scores with this, not -inf
+RESIDUAL_ALPHA = (2 * 28) ** 0.5
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Positions, masks and rotary embedding
+# ----------------------------------------------------------------------------------------------------------------
+
+def first_index(mask: torch.Tensor, default: torch.Tensor) -> torch.Tensor:
+    """Index of the first True per row of a [batch, seq] bool tensor, `default` where a row has none."""
+    return torch.where(mask.any(dim=1), mask.int().argmax(dim=1), default)
+
+
+def glm_context_info(input_ids, attention_mask, config):
+    """Per row: left-padding length, context length (index of <sop>) and [gMASK]/[MASK] index, in token indices.
+
+    A row without <sop> is all context; a row without a mask token has its mask position at 0.
+    """
+    batch, seq = input_ids.shape
+    seq_len = torch.full((batch,), seq, device=input_ids.device)
+    if attention_mask is None:
+        pad_len = torch.zeros_like(seq_len)
+    else:
+        pad_len = first_index(attention_mask[:, -seq:] != 0, seq_len)
+    context_len = first_index(input_ids == config.bos_token_id, seq_len)
+    mask_pos = first_index(input_ids == config.gmask_token_id,
+                           first_index(input_ids == config.mask_token_id, torch.zeros_like(seq_len)))
+    return pad_len, context_len, mask_pos
+
+
+def glm_position_ids(input_ids, attention_mask, config, offset=0):
+    """2D GLM positions [batch, 2, seq] for rows that may be left-padded.
+
+    Positions are counted from each row's first real token, so a padded row gets the positions it would get alone.
+    `offset` shifts the first dimension (used for soft prompt tokens put before the input).
+    """
+    pad_len, context_len, mask_pos = glm_context_info(input_ids, attention_mask, config)
+    idx = torch.arange(input_ids.shape[1], device=input_ids.device)[None, :]
+    rel = (idx - pad_len[:, None]).clamp(min=0)
+    rel_context = (context_len - pad_len).clamp(min=0)[:, None]
+    in_context = rel < rel_context
+    position = torch.where(in_context, rel, (mask_pos - pad_len)[:, None].clamp(min=0)) + offset
+    block = torch.where(in_context, torch.zeros_like(rel), rel - rel_context + 1)
+    return torch.stack([position, block], dim=1)
+
+
+def glm_attention_mask(key_valid, context_len, past_len, num_queries):
+    """Bool mask [batch, 1, queries, keys], True = may attend.
+
+    Key j is visible to query i when the key is not padding and j <= i or j lies in the (bidirectional) context.
+    `past_len` is how many keys precede the queries; `context_len` is in key indices.
+    """
+    device = key_valid.device
+    q_idx = torch.arange(num_queries, device=device)[:, None] + past_len
+    k_idx = torch.arange(key_valid.shape[1], device=device)[None, :]
+    visible = (k_idx <= q_idx)[None] | (k_idx[None] < context_len[:, None, None])
+    return (visible & key_valid[:, None, :])[:, None]
+
+
+def glm_rotary_cos_sin(position_ids, head_dim, dtype):
+    """cos and sin [batch, 1, seq, head_dim] for 2D rotary: the first half of each head rotates with the position,
+    the second half with the block position. Frequencies are rounded to float16 as in the official checkpoint."""
+    rot_dim = head_dim // 2
+    inv_freq = 1.0 / (ROPE_BASE ** (torch.arange(0, rot_dim, 2, device=position_ids.device).float() / rot_dim))
+    inv_freq = inv_freq.half().float()
+    angles = position_ids.float()[..., None] * inv_freq  # [b, 2, s, rot_dim/2]
+    angles = torch.cat([angles, angles], dim=-1)
+    angles = torch.cat([angles[:, 0], angles[:, 1]], dim=-1)[:, None]  # [b, 1, s, head_dim]
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def rotate_halves(x):
+    """rotate_half applied separately to each half of the head (the two rotary dimensions)."""
+    x1, x2, x3, x4 = x.chunk(4, dim=-1)
+    return torch.cat([-x2, x1, -x4, x3], dim=-1)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Layers
+# ----------------------------------------------------------------------------------------------------------------
+
+class PrefixEncoder(nn.Module):
+    """Trainable prompt: per-layer keys/values (P-Tuning v2) or soft input embeddings (embedding only)."""
+
+    def __init__(self, config):
+        super().__init__()
+        if config.prompt_embedding_only:
+            out_dim = config.hidden_size
+        else:
+            out_dim = config.num_layers * config.hidden_size * 2
+        self.prefix_projection = config.prefix_projection
+        if self.prefix_projection:
+            self.embedding = nn.Embedding(config.pre_seq_len, config.hidden_size)
+            self.trans = nn.Sequential(
+                nn.Linear(config.hidden_size, config.hidden_size),
+                nn.Tanh(),
+                nn.Linear(config.hidden_size, out_dim),
+            )
+        else:
+            self.embedding = nn.Embedding(config.pre_seq_len, out_dim)
+
+    def forward(self):
+        prefix = self.embedding.weight  # the official code looks up arange(pre_seq_len): the whole table
+        return self.trans(prefix) if self.prefix_projection else prefix
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, config, layer_idx):
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        self.num_heads = config.num_attention_heads
+        self.head_dim = config.hidden_size // config.num_attention_heads
+        self.query_key_value = nn.Linear(config.hidden_size, 3 * config.hidden_size)
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+
+    def forward(self, hidden_states, cos, sin, attention_mask, past_key_values=None, prefix_kv=None):
+        batch, seq, _ = hidden_states.shape
+        # the fused projection is laid out per head: [q_h, k_h, v_h] for each head h
+        qkv = self.query_key_value(hidden_states).view(batch, seq, self.num_heads, 3 * self.head_dim)
+        query, key, value = (t.transpose(1, 2) for t in qkv.split(self.head_dim, dim=-1))
+        query = query * cos + rotate_halves(query) * sin
+        key = key * cos + rotate_halves(key) * sin
+        if prefix_kv is not None:  # prefix keys/values carry no rotary position
+            key = torch.cat([prefix_kv[0], key], dim=2)
+            value = torch.cat([prefix_kv[1], value], dim=2)
+        if past_key_values is not None:
+            key, value = past_key_values.update(key, value, self.layer_idx)
+        context = self.attend(query, key, value, attention_mask)
+        return self.dense(context.transpose(1, 2).reshape(batch, seq, -1))
+
+    def attend(self, query, key, value, attention_mask):
+        scale = 1.0 / math.sqrt(self.head_dim)
+        if self.config._attn_implementation != "eager":
+            return F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, scale=scale)
+        scores = torch.matmul(query, key.transpose(-1, -2)) * scale
+        if attention_mask is not None:
+            scores = scores.masked_fill(~attention_mask, MASKED_SCORE)
+        probs = F.softmax(scores.float(), dim=-1).to(value.dtype)
+        return torch.matmul(probs, value)
+
+
+class GLU(nn.Module):
+    """The feed-forward block (the official name; it is a plain GELU MLP)."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.dense_h_to_4h = nn.Linear(config.hidden_size, config.inner_hidden_size)
+        self.dense_4h_to_h = nn.Linear(config.inner_hidden_size, config.hidden_size)
+
+    def forward(self, x):
+        return self.dense_4h_to_h(F.gelu(self.dense_h_to_4h(x), approximate="tanh"))
+
+
+class GLMBlock(GradientCheckpointingLayer):
+    def __init__(self, config, layer_idx):
+        super().__init__()
+        self.input_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layernorm_epsilon)
+        self.attention = SelfAttention(config, layer_idx)
+        self.post_attention_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layernorm_epsilon)
+        self.mlp = GLU(config)
+        # GLM's residual: the normalised input, scaled by alpha, plus the sublayer's output. The official blocks
+        # never receive the model's depth and use their default of 28 layers, so alpha is sqrt(56) at every depth.
+        self.alpha = RESIDUAL_ALPHA
+
+    def forward(self, hidden_states, cos, sin, attention_mask, past_key_values=None, prefix_kv=None):
+        attention_input = self.input_layernorm(hidden_states)
+        attention_output = self.attention(attention_input, cos, sin, attention_mask, past_key_values, prefix_kv)
+        hidden_states = attention_input * self.alpha + attention_output
+        mlp_input = self.post_attention_layernorm(hidden_states)
+        return mlp_input * self.alpha + self.mlp(mlp_input)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Models
+# ----------------------------------------------------------------------------------------------------------------
+
+class ChatGLMPreTrainedModel(PreTrainedModel):
+    config_class = ChatGLMConfig
+    base_model_prefix = "transformer"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["GLMBlock"]
+    _supports_sdpa = True
+    # the official checkpoints carry float16 rotary frequencies; they are recomputed, so the stored copies are unused
+    _keys_to_ignore_on_load_unexpected = [r"rotary_emb\.inv_freq"]
+
+    @torch.no_grad()
+    def _init_weights(self, module):
+        std = 0.02
+        if isinstance(module, nn.Linear):
+            module.weight.normal_(0.0, std)
+            if module.bias is not None:
+                module.bias.zero_()
+        elif isinstance(module, nn.Embedding):
+            module.weight.normal_(0.0, std)
+        elif isinstance(module, nn.LayerNorm):
+            module.weight.fill_(1.0)
+            module.bias.zero_()
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None):
+        # non-reentrant checkpointing keeps gradients flowing when the embeddings are frozen (LoRA, prefix tuning)
+        kwargs = {"use_reentrant": False, **(gradient_checkpointing_kwargs or {})}
+        super().gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+class ChatGLMModel(ChatGLMPreTrainedModel):
+    def __init__(self, config: ChatGLMConfig):
+        super().__init__(config)
+        if config.quantization_bit:
+            raise ValueError(f"quantization_bit={config.quantization_bit}: quantised checkpoints are not supported; "
+                             "use the float16 ChatGLM-6B weights")
+        self.word_embeddings = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList([GLMBlock(config, i) for i in range(config.num_layers)])
+        self.final_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layernorm_epsilon)
+        self.prefix_encoder = PrefixEncoder(config) if config.pre_seq_len else None
+        self.prefix_dropout = nn.Dropout(config.prefix_dropout)
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.word_embeddings
+
+    def set_input_embeddings(self, value):
+        self.word_embeddings = value
+
+    @property
+    def num_virtual_tokens(self):
+        """Soft prompt tokens put before the input (embedding-only prompt tuning), else 0."""
+        return self.config.pre_seq_len if (self.config.pre_seq_len and self.config.prompt_embedding_only) else 0
+
+    @property
+    def num_prefix_keys(self):
+        """Per-layer prefix keys (P-Tuning v2), else 0."""
+        return self.config.pre_seq_len if (self.config.pre_seq_len and not self.config.prompt_embedding_only) else 0
+
+    def prefix_key_values(self, batch, dtype):
+        """Per layer, (key, value) each [batch, heads, pre_seq_len, head_dim]."""
+        cfg = self.config
+        prefix = self.prefix_encoder().to(dtype)
+        prefix = prefix.view(cfg.pre_seq_len, cfg.num_layers * 2, cfg.num_attention_heads, -1)
+        prefix = self.prefix_dropout(prefix[None].expand(batch, -1, -1, -1, -1))
+        prefix = prefix.permute(2, 0, 3, 1, 4)  # [layers * 2, batch, heads, pre_seq_len, head_dim]
+        return [(prefix[2 * i], prefix[2 * i + 1]) for i in range(cfg.num_layers)]
+
+    def cached_tokens(self, past_key_values):
+        """How many input tokens the cache already holds (prefix keys and soft prompt tokens not counted)."""
+        if past_key_values is None or past_key_values.get_seq_length() == 0:
+            return 0
+        return past_key_values.get_seq_length() - self.num_prefix_keys - self.num_virtual_tokens
+
+    def forward(self, input_ids=None, position_ids=None, attention_mask=None, past_key_values=None,
+                inputs_embeds=None, use_cache=None, **kwargs):
+        if input_ids is None:
+            raise ValueError("ChatGLM needs input_ids: its masks and positions are read from the [gMASK]/<sop> tokens")
+        batch, seq = input_ids.shape
+        if use_cache and past_key_values is None:
+            past_key_values = DynamicCache(config=self.config)
+        past = self.cached_tokens(past_key_values)
+        first_call = past_key_values is None or past_key_values.get_seq_length() == 0
+        virtual = self.num_virtual_tokens if first_call else 0
+
+        hidden = self.word_embeddings(input_ids) if inputs_embeds is None else inputs_embeds
+        if position_ids is None:
+            if not first_call:
+                raise ValueError("position_ids are needed when decoding from a cache (generate() passes them)")
+            position_ids = glm_position_ids(input_ids, attention_mask, self.config, offset=self.num_virtual_tokens)
+        if virtual:
+            hidden = torch.cat([self.prefix_dropout(self.prefix_encoder().to(hidden.dtype))[None].expand(batch, -1, -1),
+                                hidden], dim=1)
+            soft = torch.arange(virtual, device=input_ids.device)
+            soft_positions = torch.stack([soft, torch.zeros_like(soft)])[None].expand(batch, -1, -1)
+            position_ids = torch.cat([soft_positions, position_ids], dim=2)
+
+        mask = self.build_attention_mask(input_ids, attention_mask, past, first_call, virtual)
+        prefix_kv = None
+        if first_call and self.num_prefix_keys:
+            prefix_kv = self.prefix_key_values(batch, hidden.dtype)
+        cos, sin = glm_rotary_cos_sin(position_ids, self.config.hidden_size // self.config.num_attention_heads,
+                                      hidden.dtype)
+        for i, layer in enumerate(self.layers):
+            hidden = layer(hidden, cos, sin, mask, past_key_values, None if prefix_kv is None else prefix_kv[i])
+        hidden = self.final_layernorm(hidden[:, virtual:])
+        return BaseModelOutputWithPast(last_hidden_state=hidden, past_key_values=past_key_values)
+
+    def build_attention_mask(self, input_ids, attention_mask, past, first_call, virtual):
+        """Keys are [prefix keys | soft prompt tokens | cached tokens | new tokens]; returns the bool SDPA mask."""
+        batch, seq = input_ids.shape
+        device = input_ids.device
+        token_keys = past + seq
+        if attention_mask is None:
+            key_valid = torch.ones(batch, token_keys, dtype=torch.bool, device=device)
+        else:
+            key_valid = attention_mask[:, -token_keys:].bool()
+        leading = self.num_prefix_keys + self.num_virtual_tokens
+        key_valid = torch.cat([key_valid.new_ones(batch, leading), key_valid], dim=1)
+        if first_call:
+            _, context_len, _ = glm_context_info(input_ids, attention_mask, self.config)
+            context_len = context_len + leading
+        else:
+            context_len = torch.zeros(batch, dtype=torch.long, device=device)
+        past_keys = leading - virtual + past if not first_call else self.num_prefix_keys
+        return glm_attention_mask(key_valid, context_len, past_keys, seq + virtual)
+
+
+class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin):
+    _tied_weights_keys = {"lm_head.weight": "transformer.word_embeddings.weight"}
+
+    def __init__(self, config: ChatGLMConfig):
+        super().__init__(config)
+        self.transformer = ChatGLMModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    def set_output_embeddings(self, value):
+        self.lm_head = value
+
+    def forward(self, input_ids=None, position_ids=None, attention_mask=None, past_key_values=None,
+                inputs_embeds=None, labels=None, use_cache=None, loss_only=False, **kwargs):
+        """`loss_only=True` (training) projects only the positions that have a label: the same loss, no full logits."""
+        out = self.transformer(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask,
+                               past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache)
+        hidden = out.last_hidden_state
+        if labels is not None and loss_only:
+            shift_labels = labels[:, 1:]
+            keep = shift_labels != -100
+            logits = self.lm_head(hidden[:, :-1][keep]).float()
+            loss = F.cross_entropy(logits, shift_labels[keep])
+            return CausalLMOutputWithPast(loss=loss, logits=None, past_key_values=out.past_key_values)
+        logits = self.lm_head(hidden)
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]),
+                                   labels[:, 1:].reshape(-1), ignore_index=-100)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=out.past_key_values)
+
+    def prepare_inputs_for_generation(self, input_ids, past_key_values=None, attention_mask=None, **kwargs):
+        """Positions come from the whole sequence so far; only the tokens not yet in the cache are fed."""
+        position_ids = glm_position_ids(input_ids, attention_mask, self.config,
+                                        offset=self.transformer.num_virtual_tokens)
+        done = self.transformer.cached_tokens(past_key_values)
+        return {
+            "input_ids": input_ids[:, done:],
+            "position_ids": position_ids[..., done:],
+            "attention_mask": attention_mask,
+            "past_key_values": past_key_values,
+            "use_cache": kwargs.get("use_cache", True),
+        }
