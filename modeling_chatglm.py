@@ -130,6 +130,10 @@ class PrefixEncoder(nn.Module):
             )
         else:
             self.embedding = nn.Embedding(config.pre_seq_len, out_dim)
+        # the official code left these at PyTorch's default initialisation (embedding N(0, 1)); so do we
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                module.keeps_torch_default_init = True
 
     def forward(self):
         prefix = self.embedding.weight  # the official code looks up arange(pre_seq_len): the whole table
@@ -219,7 +223,9 @@ class ChatGLMPreTrainedModel(PreTrainedModel):
     @torch.no_grad()
     def _init_weights(self, module):
         std = 0.02
-        if isinstance(module, nn.Linear):
+        if getattr(module, "keeps_torch_default_init", False):
+            module.reset_parameters()
+        elif isinstance(module, nn.Linear):
             module.weight.normal_(0.0, std)
             if module.bias is not None:
                 module.bias.zero_()

@@ -78,7 +78,7 @@ def save_weights(state, output_dir, fmt, shards):
 
 def build_tiny_model(output_dir, num_layers=4, hidden_size=128, num_attention_heads=4, inner_hidden_size=512,
                      vocab_pieces=3000, num_image_tokens=20000, text=(DEFAULT_TEXT,), weights_format="bin",
-                     shards=2, seed=0, tie_word_embeddings=True, max_sequence_length=2048):
+                     shards=2, seed=0, tie_word_embeddings=True, max_sequence_length=2048, embedding_std=1.0, init_std=0.2):
     os.makedirs(output_dir, exist_ok=True)
     sp_path = os.path.join(output_dir, "ice_text.model")
     train_sentencepiece_model(texts_from(list(text)), sp_path, vocab_size=vocab_pieces)
@@ -94,6 +94,13 @@ def build_tiny_model(output_dir, num_layers=4, hidden_size=128, num_attention_he
     )
     torch.manual_seed(seed)
     model = ChatGLMForConditionalGeneration(config)
+    # Scales like a trained model's rather than GPT-style 0.02: with 0.02 a tied head cannot make a confident
+    # prediction (its largest logit is about 0.02 * hidden_size) and, after GLM's sqrt(56)-scaled residual, the
+    # sublayers barely move the hidden state, so adapters and prefixes could never fit anything.
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if parameter.ndim == 2:
+                parameter.normal_(0.0, embedding_std if "embeddings" in name or "lm_head" in name else init_std)
     config.save_pretrained(output_dir)
     save_weights(official_state_dict(model), output_dir, weights_format, shards)
     return output_dir
@@ -116,10 +123,13 @@ def main():
     parser.add_argument("--shards", type=int, default=2, help="number of weight files (the official has 8)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--untied", action="store_true", help="a separate lm_head (the official ties it)")
+    parser.add_argument("--embedding_std", type=float, default=1.0, help="scale of the random embeddings")
+    parser.add_argument("--init_std", type=float, default=0.2, help="scale of the random linear weights")
     args = parser.parse_args()
     build_tiny_model(args.output_dir, args.num_layers, args.hidden_size, args.num_attention_heads,
                      args.inner_hidden_size, args.vocab_pieces, args.num_image_tokens, args.text,
-                     args.weights_format, args.shards, args.seed, not args.untied)
+                     args.weights_format, args.shards, args.seed, not args.untied,
+                     embedding_std=args.embedding_std, init_std=args.init_std)
     print(f"tiny ChatGLM-6B stand-in written to {args.output_dir}")
 
 

@@ -1,0 +1,46 @@
+"""Fine-tune ChatGLM with Freeze: only the last layers train (default the last five), everything else is frozen.
+
+    CUDA_VISIBLE_DEVICES=0 deepspeed finetuning_freeze.py --model_dir ChatGLM-6B --num_trainable_layers 5
+
+`--freeze_module_name layers.27.,layers.26.` names the trained modules instead. Saves, per checkpoint,
+model.safetensors holding only the trained parameters (official names); predict with predict_freeze.py.
+"""
+import os
+
+from safetensors.torch import save_file
+
+from training import Method, main
+
+
+class Freeze(Method):
+    name = "freeze"
+    title = "Freeze"
+    default_learning_rate = 1e-4
+
+    def add_arguments(self, parser):
+        parser.add_argument("--num_trainable_layers", type=int, default=5, help="train the last N layers")
+        parser.add_argument("--freeze_module_name", default=None,
+                            help="comma-separated parameter-name fragments to train instead, e.g. layers.27.,layers.26.")
+
+    def trained_fragments(self, model, args, family):
+        if args.freeze_module_name:
+            return [f for f in args.freeze_module_name.split(",") if f]
+        layers = family.num_layers(model.config)
+        if not 0 < args.num_trainable_layers <= layers:
+            raise SystemExit(f"error: --num_trainable_layers {args.num_trainable_layers}: the model has {layers} layers")
+        return [family.layers_prefix.format(i) for i in range(layers - args.num_trainable_layers, layers)]
+
+    def prepare(self, model, args, family):
+        fragments = self.trained_fragments(model, args, family)
+        for name, parameter in model.named_parameters():
+            parameter.requires_grad = any(f in name for f in fragments)
+        if not any(p.requires_grad for p in model.parameters()):
+            raise SystemExit(f"error: no parameter name contains any of {fragments}")
+        return model
+
+    def save(self, model, trained_state, folder, args):
+        save_file(trained_state, os.path.join(folder, "model.safetensors"), metadata={"format": "pt"})
+
+
+if __name__ == "__main__":
+    main(Freeze())

@@ -1,0 +1,202 @@
+"""What the three predict scripts share: arguments, defaults read from the training run, batched generation, scoring.
+
+A predict script supplies a `PredictMethod` (how the trained part is loaded onto the base model) and calls
+`main(method)`: it loads the base model and the checkpoint, generates greedily for every row of `--test_path`
+in left-padded batches (each row stops at its end token; the tokens equal one-row-at-a-time generation), scores
+the task and writes `predictions.jsonl` and `metrics.json`.
+"""
+import argparse
+import json
+import os
+import time
+
+import torch
+
+from training import DEFAULT_PROMPT, TRAINING_ARGS_FILE, latest_checkpoint
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+class PredictMethod:
+    name = "method"
+    title = "a method"
+
+    def add_arguments(self, parser):
+        pass
+
+    def load(self, base_dir, checkpoint_dir, args, family, dtype):
+        """The base model with the trained part applied, ready to generate."""
+        raise NotImplementedError
+
+
+def build_parser(method):
+    parser = argparse.ArgumentParser(
+        description=f"Predict with a ChatGLM checkpoint trained by finetuning_{method.name}.py ({method.title}) and "
+                    "score it. Settings the training run saved (prompt, lengths, base model) are the defaults.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--test_path", default="data/spo_test.jsonl", help="JSONL or JSON rows with references")
+    parser.add_argument("--model_dir", default=f"output_dir_{method.name}",
+                        help="the checkpoint folder, or a training output folder (its latest checkpoint is used)")
+    parser.add_argument("--ori_model_dir", default=None, help="the base model folder (default: the one trained on)")
+    parser.add_argument("--device", default=None, help="GPU index, or cpu (default: GPU 0 if there is one)")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default=None,
+                        help="default bf16 on a GPU that has it, fp16 on other GPUs, fp32 on the CPU")
+    parser.add_argument("--max_len", type=int, default=None, help="default: the training run's (768)")
+    parser.add_argument("--max_src_len", type=int, default=None, help="default: the training run's (450)")
+    parser.add_argument("--prompt_text", default=None, help="default: the training run's prompt")
+    parser.add_argument("--batch_size", type=int, default=16, help="rows generated together")
+    parser.add_argument("--max_new_tokens", type=int, default=None, help="default: max_len - max_src_len - 3")
+    parser.add_argument("--task", choices=["triple", "classification", "generation"], default="triple")
+    parser.add_argument("--output_dir", default=None, help="for predictions.jsonl and metrics.json "
+                        "(default: the checkpoint folder)")
+    parser.add_argument("--mode", default=None, help="model family, if not the one read from the model folder")
+    parser.add_argument("--skip_bad_rows", action="store_true", help="skip and count bad rows instead of stopping")
+    method.add_arguments(parser)
+    return parser
+
+
+def resolve_checkpoint(path):
+    if not os.path.isdir(path):
+        raise SystemExit(f"error: {path}: checkpoint folder not found (train first, or pass --model_dir)")
+    return latest_checkpoint(path) or path
+
+
+def saved_training_args(checkpoint_dir):
+    path = os.path.join(checkpoint_dir, TRAINING_ARGS_FILE)
+    if not os.path.isfile(path):
+        return {}
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def fill_defaults(args, saved):
+    """Unset arguments take the training run's values, then the reference defaults."""
+    fallback = {"max_len": 768, "max_src_len": 450, "prompt_text": DEFAULT_PROMPT, "mode": None}
+    for key, value in fallback.items():
+        if getattr(args, key) is None:
+            setattr(args, key, saved.get(key, value))
+    if args.ori_model_dir is None:
+        args.ori_model_dir = saved.get("model_dir")
+        if args.ori_model_dir is None:
+            raise SystemExit("error: --ori_model_dir is needed: the checkpoint does not say which base model it has")
+    if args.max_new_tokens is None:
+        args.max_new_tokens = args.max_len - args.max_src_len - 3
+
+
+def pick_device(device_arg):
+    if device_arg is None:
+        return torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
+    if device_arg == "cpu":
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise SystemExit(f"error: --device {device_arg}: no GPU here; use --device cpu")
+    return torch.device(f"cuda:{int(device_arg)}")
+
+
+def pick_dtype(dtype_arg, device):
+    if dtype_arg:
+        return DTYPES[dtype_arg]
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+def left_pad(prompts, pad_id):
+    width = max(len(p) for p in prompts)
+    input_ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        input_ids[i, width - len(p):] = torch.tensor(p)
+        attention_mask[i, width - len(p):] = 1
+    return input_ids, attention_mask
+
+
+@torch.no_grad()
+def generate(model, tokenizer, prompts, max_new_tokens, batch_size, device, stop_ids, progress=None):
+    """Greedy continuation of each prompt (token lists); returns (new token ids up to the stop token) per prompt.
+
+    Rows are batched longest first, so that a batch holds rows of similar length, and returned in input order.
+    """
+    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+    results = [None] * len(prompts)
+    for start in range(0, len(order), batch_size):
+        chosen = order[start:start + batch_size]
+        input_ids, attention_mask = left_pad([prompts[i] for i in chosen], tokenizer.pad_token_id)
+        out = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
+                             max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=stop_ids,
+                             pad_token_id=tokenizer.pad_token_id)
+        for row, i in zip(out[:, input_ids.shape[1]:].tolist(), chosen):
+            ends = [k for k, t in enumerate(row) if t in stop_ids]
+            results[i] = row[:ends[0]] if ends else row
+        if progress is not None:
+            progress.update(len(chosen))
+    return results
+
+
+def write_outputs(output_dir, rows, generated, scores, summary):
+    os.makedirs(output_dir, exist_ok=True)
+    with open(os.path.join(output_dir, "predictions.jsonl"), "w", encoding="utf-8") as f:
+        for row, text, score in zip(rows, generated, scores):
+            reference = row.answers if len(row.answers) > 1 else row.answers[0]
+            record = {"text": row.text, "reference": reference, "generated": text, "score": round(score, 6)}
+            f.write(json.dumps(record, ensure_ascii=False) + "\n")
+    with open(os.path.join(output_dir, "metrics.json"), "w", encoding="utf-8") as f:
+        json.dump(summary, f, ensure_ascii=False, indent=2)
+
+
+def main(method, argv=None):
+    from tqdm import tqdm
+
+    from data_set import DataError, encode_source, read_rows
+    from metrics import TASKS
+    from model_family import ModelFolderError, family_for, load_tokenizer
+    args = build_parser(method).parse_args(argv)
+    checkpoint = resolve_checkpoint(args.model_dir)
+    fill_defaults(args, saved_training_args(checkpoint))
+    device = pick_device(args.device)
+    dtype = pick_dtype(args.dtype, device)
+    try:
+        family = family_for(args.ori_model_dir, args.mode)
+        tokenizer = load_tokenizer(args.ori_model_dir, family)
+        rows = read_rows(args.test_path, args.prompt_text, args.skip_bad_rows)
+        model = method.load(args.ori_model_dir, checkpoint, args, family, dtype).to(device).eval()
+    except (ModelFolderError, DataError) as err:
+        raise SystemExit(f"error: {err}")
+    prompts = [family.build_prompt_ids(tokenizer, encode_source(tokenizer, row, args.max_src_len)[0]) for row in rows]
+    start = time.time()
+    with tqdm(total=len(rows), desc="predict", unit="row") as bar:
+        new_tokens = generate(model, tokenizer, prompts, args.max_new_tokens, args.batch_size, device,
+                              family.stop_token_ids(tokenizer), bar)
+    seconds = time.time() - start
+    generated = [tokenizer.decode(t, skip_special_tokens=True) for t in new_tokens]
+    scores, summary = TASKS[args.task](generated, [row.answers for row in rows])
+    summary = {"task": args.task, **{k: round(v, 6) for k, v in summary.items()}, "rows": len(rows),
+               "seconds": round(seconds, 3), "rows_per_s": round(len(rows) / seconds, 3),
+               "generated_tokens_per_s": round(sum(map(len, new_tokens)) / seconds, 1),
+               "checkpoint": checkpoint, "base_model": args.ori_model_dir}
+    write_outputs(args.output_dir or checkpoint, rows, generated, scores, summary)
+    print(json.dumps(summary, ensure_ascii=False, indent=2))
+    return summary
+
+
+def load_partial_state(model, folder, required_prefix=""):
+    """Put the parameters saved in `folder` (model.safetensors or an official pytorch_model.bin) into `model`.
+
+    Every saved name must exist in the model with the same shape and start with `required_prefix`."""
+    from safetensors.torch import load_file
+    path = next((os.path.join(folder, n) for n in ("model.safetensors", "pytorch_model.bin")
+                 if os.path.isfile(os.path.join(folder, n))), None)
+    if path is None:
+        raise SystemExit(f"error: {folder}: no model.safetensors or pytorch_model.bin with trained weights")
+    state = load_file(path) if path.endswith(".safetensors") else torch.load(path, map_location="cpu",
+                                                                             weights_only=True)
+    own = model.state_dict()
+    foreign = [k for k in state if k not in own or not k.startswith(required_prefix)]
+    if foreign or not state:
+        raise SystemExit(f"error: {path}: holds {len(state)} tensors, of which these are not "
+                         f"{required_prefix or 'model'} parameters: {foreign[:6]}")
+    wrong = [f"{k} {tuple(v.shape)} (model: {tuple(own[k].shape)})" for k, v in state.items() if v.shape != own[k].shape]
+    if wrong:
+        raise SystemExit(f"error: {path}: shapes differ from the model's: {'; '.join(wrong[:4])}")
+    model.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()}, strict=False)
+    return sorted(state)

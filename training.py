@@ -1,0 +1,517 @@
+"""What the three fine-tuning scripts share: arguments, DeepSpeed set-up, the training loop, checkpoints, metrics.
+
+A fine-tuning script supplies a `Method` (which parameters train, how the model is wrapped and how the trained
+part is saved) and calls `main(method)`. Everything else happens here, in this order:
+
+    arguments -> distributed set-up -> tokenizer, data, model -> method.prepare -> deepspeed.initialize
+    -> (resume) -> for each epoch, for each batch: forward, backward, step, log, save
+
+A checkpoint folder `checkpoint-<step>` holds what the method trained (enough to predict with, together with the
+base model folder), the tokenizer, `training_args.json`, and `ds_state/` (optimizer, scheduler, step, data
+position, random state) for `--resume`. It is written under a temporary name and renamed when complete, and
+`latest` names the newest complete one, so a run killed mid-save resumes from the last complete checkpoint.
+"""
+import argparse
+import json
+import math
+import os
+import random
+import shutil
+import socket
+import time
+
+import torch
+from torch.utils.data import DataLoader
+
+DEFAULT_PROMPT = ('你现在是一个信息抽取模型，请你帮我抽取出关系内容为"性能故障", "部件故障", "组成"和 "检测工具"的相关三元组，'
+                  '三元组内部用"_"连接，三元组之间用\\n分割。文本：')
+TRAINING_ARGS_FILE = "training_args.json"
+
+
+class Method:
+    """What differs between fine-tuning methods. Subclasses override what applies to them."""
+    name = "method"
+    title = "a method"
+    default_learning_rate = 1e-4
+
+    def add_arguments(self, parser):
+        pass
+
+    def config_overrides(self, args):
+        """Config fields that add modules to the model (e.g. the prefix encoder)."""
+        return {}
+
+    def prepare(self, model, args, family):
+        """Choose what trains (requires_grad) and wrap the model if needed; returns the model to train."""
+        raise NotImplementedError
+
+    def save(self, model, trained_state, folder, args):
+        """Write the trained parameters (`trained_state`: name -> CPU tensor) into `folder`."""
+        raise NotImplementedError
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Arguments
+# ----------------------------------------------------------------------------------------------------------------
+
+def build_parser(method):
+    parser = argparse.ArgumentParser(
+        description=f"Fine-tune ChatGLM ({method.title}). Launch with `deepspeed finetuning_{method.name}.py ...` (one GPU or "
+                    "--num_gpus N) or plain `python`; on a machine without a GPU it runs on the CPU.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    data = parser.add_argument_group("data")
+    data.add_argument("--train_path", default="data/spo_train.jsonl", help="JSONL or JSON rows: text/answer or "
+                      "instruction/input/output")
+    data.add_argument("--eval_path", default=None, help="rows for an evaluation loss at each save")
+    data.add_argument("--prompt_text", default=DEFAULT_PROMPT, help="put before each row's text (text/answer rows)")
+    data.add_argument("--max_len", type=int, default=768, help="longest training row in tokens")
+    data.add_argument("--max_src_len", type=int, default=450, help="longest prompt + text in tokens")
+    data.add_argument("--skip_bad_rows", action="store_true", help="skip and count bad rows instead of stopping")
+    data.add_argument("--group_by_length", action="store_true", help="batch rows of similar length (less padding)")
+    model = parser.add_argument_group("model")
+    model.add_argument("--model_dir", default="ChatGLM-6B", help="the base model folder (config.json, tokenizer, "
+                       "weights)")
+    model.add_argument("--mode", default=None, help="model family, if not the one read from the model folder")
+    model.add_argument("--gradient_checkpointing", action="store_true", help="recompute activations: less memory")
+    train = parser.add_argument_group("training")
+    train.add_argument("--output_dir", default=f"output_dir_{method.name}")
+    train.add_argument("--num_train_epochs", type=int, default=5)
+    train.add_argument("--max_steps", type=int, default=0, help="end the run after this many optimizer steps "
+                       "(0: no limit); the learning-rate schedule is fitted to it")
+    train.add_argument("--stop_after_steps", type=int, default=0, help="save and stop at this step as if interrupted; "
+                       "the schedule is unchanged and --resume continues (0: never)")
+    train.add_argument("--train_batch_size", type=int, default=2, help="rows per GPU per micro-step")
+    train.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    train.add_argument("--learning_rate", type=float, default=method.default_learning_rate)
+    train.add_argument("--lr_scheduler", choices=["linear", "cosine", "constant"], default="linear")
+    train.add_argument("--warmup_ratio", type=float, default=0.1)
+    train.add_argument("--weight_decay", type=float, default=0.1)
+    train.add_argument("--max_grad_norm", type=float, default=1.0, help="gradient clipping, done by DeepSpeed")
+    train.add_argument("--seed", type=int, default=1234)
+    precision = train.add_mutually_exclusive_group()
+    precision.add_argument("--bf16", dest="precision", action="store_const", const="bf16")
+    precision.add_argument("--fp16", dest="precision", action="store_const", const="fp16",
+                           help="fp16 with dynamic loss scaling")
+    precision.add_argument("--fp32", dest="precision", action="store_const", const="fp32")
+    train.set_defaults(precision="auto")
+    train.add_argument("--log_steps", type=int, default=10)
+    train.add_argument("--save_steps", type=int, default=0, help="also save every N steps (0: at epoch ends only)")
+    train.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --output_dir")
+    ds = parser.add_argument_group("deepspeed")
+    ds.add_argument("--zero_stage", type=int, choices=[0, 1, 2, 3], default=1)
+    ds.add_argument("--offload", action="store_true", help="keep optimizer states on the CPU (ZeRO >= 1)")
+    ds.add_argument("--ds_config", default=None, help="a DeepSpeed JSON config; its keys override the built one")
+    ds.add_argument("--local_rank", type=int, default=-1, help="set by the deepspeed launcher")
+    method.add_arguments(parser.add_argument_group(method.name))
+    return parser
+
+
+def resolve_precision(args):
+    if args.precision != "auto":
+        return args.precision
+    if torch.cuda.is_available():
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "bf16"
+
+
+def deepspeed_config(args, world_size):
+    config = {
+        "train_micro_batch_size_per_gpu": args.train_batch_size,
+        "gradient_accumulation_steps": args.gradient_accumulation_steps,
+        "train_batch_size": args.train_batch_size * args.gradient_accumulation_steps * world_size,
+        "gradient_clipping": args.max_grad_norm,
+        "zero_optimization": {"stage": args.zero_stage},
+        "steps_per_print": 10 ** 9,
+        "wall_clock_breakdown": False,
+    }
+    if args.precision == "bf16":
+        config["bf16"] = {"enabled": True}
+    elif args.precision == "fp16":
+        config["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": 16}
+    if args.offload:
+        config["zero_optimization"]["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
+    if args.ds_config:
+        with open(args.ds_config, encoding="utf-8") as f:
+            config.update(json.load(f))
+    return config
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Set-up
+# ----------------------------------------------------------------------------------------------------------------
+
+def setup_distributed():
+    """Start torch.distributed through DeepSpeed; a plain `python` launch becomes a one-process group."""
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    if "RANK" not in os.environ:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+    deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name(), verbose=False)
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    device = torch.device(get_accelerator().device_name(local_rank))
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    return torch.distributed.get_rank(), torch.distributed.get_world_size(), device
+
+
+def seed_everything(seed):
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def count_parameters(model):
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return trainable, total
+
+
+def make_optimizer(model, args, device):
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim < 2 else decay).append(p)  # no weight decay on biases and norms
+    groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    fused = device.type == "cuda"
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=args.learning_rate, betas=(0.9, 0.95),
+                             eps=1e-8, fused=fused)
+
+
+def make_scheduler(optimizer, args, total_steps):
+    warmup = int(total_steps * args.warmup_ratio)
+
+    def factor(step):
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        if args.lr_scheduler == "constant":
+            return 1.0
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        if args.lr_scheduler == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+        return max(0.0, 1.0 - progress)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def build_engine(model, args, world_size, device, total_steps):
+    """deepspeed.initialize with our optimizer (fused AdamW on GPU) and scheduler, or DeepSpeed's for --offload."""
+    import deepspeed
+    config = deepspeed_config(args, world_size)
+    if args.offload:
+        config["optimizer"] = {"type": "AdamW", "params": {"lr": args.learning_rate, "betas": [0.9, 0.95],
+                                                           "weight_decay": args.weight_decay}}
+        engine, optimizer, _, _ = deepspeed.initialize(
+            model=model, model_parameters=[p for p in model.parameters() if p.requires_grad], config=config)
+        scheduler = make_scheduler(optimizer, args, total_steps)
+        engine.lr_scheduler = scheduler
+    else:
+        optimizer = make_optimizer(model, args, device)
+        scheduler = make_scheduler(optimizer, args, total_steps)
+        engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
+                                               config=config)
+    return engine
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Checkpoints
+# ----------------------------------------------------------------------------------------------------------------
+
+def trained_state_dict(engine):
+    """name -> CPU tensor of every trainable parameter; under ZeRO-3 gathered from all ranks (all ranks call this)."""
+    import deepspeed
+    state = {}
+    for name, p in engine.module.named_parameters():
+        if not p.requires_grad:
+            continue
+        if hasattr(p, "ds_id"):  # ZeRO-3 partitioned
+            with deepspeed.zero.GatheredParameters([p], modifier_rank=None):
+                state[name] = p.detach().cpu().clone()
+        else:
+            state[name] = p.detach().cpu().clone()
+    return state
+
+
+def write_json_atomic(path, obj):
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, ensure_ascii=False, indent=2)
+    os.replace(tmp, path)
+
+
+def latest_checkpoint(output_dir):
+    """The newest complete checkpoint folder of a run, or None."""
+    pointer = os.path.join(output_dir, "latest")
+    if not os.path.isfile(pointer):
+        return None
+    with open(pointer, encoding="utf-8") as f:
+        folder = os.path.join(output_dir, f.read().strip())
+    return folder if os.path.isdir(folder) else None
+
+
+def save_checkpoint(engine, method, args, tokenizer, progress, rank):
+    """Write checkpoint-<step> atomically: into a temporary folder, renamed when complete; then point `latest` at it."""
+    name = f"checkpoint-{progress['step']}"
+    final = os.path.join(args.output_dir, name)
+    tmp = os.path.join(args.output_dir, f".{name}.tmp")
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+    torch.distributed.barrier()
+    engine.save_checkpoint(os.path.join(tmp, "ds_state"), tag="state", client_state=dict(progress),
+                           exclude_frozen_parameters=True)
+    torch.save({"python": random.getstate(), "torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None},
+               os.path.join(tmp, f"rng_state_{rank}.pt"))
+    state = trained_state_dict(engine)
+    if rank == 0:
+        method.save(engine.module, state, tmp, args)
+        tokenizer.save_pretrained(tmp)
+        write_json_atomic(os.path.join(tmp, TRAINING_ARGS_FILE), {"method": method.name, **vars(args)})
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        with open(os.path.join(args.output_dir, "latest.tmp"), "w") as f:
+            f.write(name)
+        os.replace(os.path.join(args.output_dir, "latest.tmp"), os.path.join(args.output_dir, "latest"))
+    torch.distributed.barrier()
+    return final
+
+
+def resume_from_checkpoint(engine, args, rank):
+    folder = latest_checkpoint(args.output_dir)
+    if folder is None:
+        raise SystemExit(f"--resume: no complete checkpoint in {args.output_dir} (no 'latest' file)")
+    _, progress = engine.load_checkpoint(os.path.join(folder, "ds_state"), tag="state", load_module_strict=False)
+    rng = torch.load(os.path.join(folder, f"rng_state_{rank}.pt"), weights_only=False)
+    random.setstate(rng["python"])
+    torch.set_rng_state(rng["torch"])
+    if rng["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(rng["cuda"])
+    return folder, {k: progress[k] for k in ("step", "epoch", "batches_done")}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Metrics
+# ----------------------------------------------------------------------------------------------------------------
+
+class MetricsLog:
+    """metrics.jsonl in the output folder, TensorBoard events when tensorboard is installed, a loss curve at the end."""
+
+    def __init__(self, output_dir, enabled):
+        self.path = os.path.join(output_dir, "metrics.jsonl")
+        self.enabled = enabled
+        self.tensorboard = None
+        if enabled:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+                self.tensorboard = SummaryWriter(os.path.join(output_dir, "tensorboard"))
+            except ImportError:
+                pass
+
+    def write(self, record):
+        if not self.enabled:
+            return
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.tensorboard is not None:
+            for key, value in record.items():
+                if key != "step" and isinstance(value, (int, float)):
+                    self.tensorboard.add_scalar(key, value, record["step"])
+
+    def plot(self, png_path):
+        if not self.enabled or not os.path.isfile(self.path):
+            return
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        records = [json.loads(line) for line in open(self.path, encoding="utf-8")]
+        fig, ax = plt.subplots(figsize=(7, 4))
+        for key in ("loss", "eval_loss"):
+            points = [(r["step"], r[key]) for r in records if key in r]
+            if points:
+                ax.plot(*zip(*points), marker="o" if key == "eval_loss" else None, label=key)
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel("loss")
+        ax.legend()
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(png_path, dpi=100)
+        plt.close(fig)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The loop
+# ----------------------------------------------------------------------------------------------------------------
+
+def to_device(batch, device):
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+@torch.no_grad()
+def evaluate(engine, loader, device):
+    engine.eval()
+    total, count = 0.0, 0
+    for batch in loader:
+        labels = batch["labels"]
+        n = int((labels[:, 1:] != -100).sum())
+        total += engine(**to_device(batch, device), loss_only=True).loss.float().item() * n
+        count += n
+    engine.train()
+    return total / max(count, 1)
+
+
+def check_finite(loss_value, step):
+    if not math.isfinite(loss_value):
+        raise SystemExit(f"step {step}: the loss is {loss_value}; stopping without saving. Lower --learning_rate, "
+                         "use --bf16 instead of --fp16, or check the data.")
+
+
+def train(engine, method, args, tokenizer, train_set, eval_loader, sampler, device, rank, world_size, progress):
+    """The epoch/batch loop; returns the last logged loss."""
+    from tqdm import tqdm
+    collate = train_loader_collate(tokenizer)
+    batches_per_epoch, total_steps = schedule_length(args, sampler)
+    metrics = MetricsLog(args.output_dir, rank == 0)
+    bar = tqdm(total=total_steps, initial=progress["step"], disable=rank != 0, desc=method.name, dynamic_ncols=True)
+    window_loss, window_micro, window_tokens, window_start = torch.zeros((), device=device), 0, 0, time.time()
+    last_loss = float("nan")
+    for epoch in range(progress["epoch"], args.num_train_epochs):
+        sampler.set_epoch(epoch)
+        # a private generator: creating the loader must not draw from the global RNG that dropout uses
+        loader = DataLoader(train_set, batch_size=args.train_batch_size, sampler=sampler, collate_fn=collate,
+                            generator=torch.Generator())
+        skip = progress["batches_done"] if epoch == progress["epoch"] else 0
+        for i, batch in enumerate(loader):
+            if i >= batches_per_epoch or progress["step"] >= total_steps:
+                break
+            if i < skip:
+                continue
+            window_tokens += int(batch.pop("num_tokens")) * world_size
+            loss = engine(**to_device(batch, device), loss_only=True).loss
+            engine.backward(loss)
+            engine.step()
+            window_loss += loss.detach().float()
+            window_micro += 1
+            if (i + 1) % args.gradient_accumulation_steps:
+                continue
+            progress.update(step=progress["step"] + 1, epoch=epoch, batches_done=i + 1)
+            bar.update(1)
+            interrupted = progress["step"] == args.stop_after_steps
+            at_end = progress["step"] >= total_steps or i + 1 >= batches_per_epoch or interrupted
+            if progress["step"] % args.log_steps == 0 or at_end:
+                last_loss = window_loss.item() / window_micro
+                check_finite(last_loss, progress["step"])
+                elapsed = time.time() - window_start
+                record = {"step": progress["step"], "epoch": epoch, "loss": round(last_loss, 6),
+                          "lr": engine.get_lr()[0], "tokens_per_s": round(window_tokens / elapsed, 1)}
+                metrics.write(record)
+                bar.set_postfix(loss=f"{last_loss:.4f}", lr=f"{record['lr']:.2e}", tok_s=f"{record['tokens_per_s']:.0f}")
+                window_loss.zero_()
+                window_micro, window_tokens, window_start = 0, 0, time.time()
+            if (args.save_steps and progress["step"] % args.save_steps == 0) or at_end:
+                if i + 1 >= batches_per_epoch:  # an epoch end: the next run position is the next epoch's start
+                    progress.update(epoch=epoch + 1, batches_done=0)
+                save_and_evaluate(engine, method, args, tokenizer, eval_loader, metrics, progress, device, rank)
+            if interrupted:
+                break
+        if progress["step"] >= total_steps or progress["step"] == args.stop_after_steps:
+            break
+    bar.close()
+    metrics.plot(os.path.join(args.output_dir, "loss_curve.png"))
+    return last_loss
+
+
+def save_and_evaluate(engine, method, args, tokenizer, eval_loader, metrics, progress, device, rank):
+    folder = save_checkpoint(engine, method, args, tokenizer, progress, rank)
+    if eval_loader is not None:
+        eval_loss = evaluate(engine, eval_loader, device)
+        metrics.write({"step": progress["step"], "eval_loss": round(eval_loss, 6)})
+        if rank == 0:
+            print(f"step {progress['step']}: eval loss {eval_loss:.4f}")
+    if rank == 0:
+        print(f"saved {folder}")
+
+
+def schedule_length(args, sampler):
+    """(micro-batches used per epoch, optimizer steps in the run). An epoch's tail that does not fill a whole
+    accumulation is dropped, so every epoch ends on an optimizer step."""
+    accumulation = args.gradient_accumulation_steps
+    batches_per_epoch = len(sampler) // args.train_batch_size // accumulation * accumulation
+    if batches_per_epoch == 0:
+        raise SystemExit(f"error: {args.train_path} has fewer rows than one global batch "
+                         f"(batch {args.train_batch_size} x accumulation {accumulation} x ranks)")
+    total = batches_per_epoch // accumulation * args.num_train_epochs
+    return batches_per_epoch, (min(total, args.max_steps) if args.max_steps else total)
+
+
+def train_loader_collate(tokenizer):
+    from data_set import PadToLongest
+    pad = PadToLongest(tokenizer.pad_token_id)
+
+    def collate(rows):
+        batch = pad(rows)
+        batch["num_tokens"] = sum(len(r["input_ids"]) for r in rows)
+        return batch
+    return collate
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Entry point
+# ----------------------------------------------------------------------------------------------------------------
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def load_inputs(args, method, rank):
+    """Family, tokenizer, training set, evaluation loader and model; bad input stops with one line."""
+    from data_set import DataError, PadToLongest, Seq2SeqDataset
+    from model_family import ModelFolderError, family_for, load_model, load_tokenizer
+    log = print if rank == 0 else (lambda *a, **k: None)
+    try:
+        family = family_for(args.model_dir, args.mode)
+        tokenizer = load_tokenizer(args.model_dir, family)
+        train_set = Seq2SeqDataset(args.train_path, tokenizer, family, args.max_len, args.max_src_len,
+                                   args.prompt_text, args.skip_bad_rows, log)
+        eval_loader = None
+        if args.eval_path:
+            eval_set = Seq2SeqDataset(args.eval_path, tokenizer, family, args.max_len, args.max_src_len,
+                                      args.prompt_text, args.skip_bad_rows, log)
+            eval_loader = DataLoader(eval_set, batch_size=args.train_batch_size,
+                                     collate_fn=PadToLongest(tokenizer.pad_token_id))
+        model = load_model(args.model_dir, family, dtype=DTYPES[args.precision], **method.config_overrides(args))
+    except (ModelFolderError, DataError) as err:
+        raise SystemExit(f"error: {err}")
+    return family, tokenizer, train_set, eval_loader, model
+
+
+def main(method, argv=None):
+    args = build_parser(method).parse_args(argv)
+    args.precision = resolve_precision(args)
+    rank, world_size, device = setup_distributed()
+    seed_everything(args.seed)
+    from data_set import EpochSampler
+    family, tokenizer, train_set, eval_loader, model = load_inputs(args, method, rank)
+    if args.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    model = method.prepare(model, args, family)
+    trainable, total = count_parameters(model)
+    if rank == 0:
+        print(f"{method.name}: trainable parameters {trainable:,} / {total:,} ({100 * trainable / total:.4f}%)")
+        os.makedirs(args.output_dir, exist_ok=True)
+    sampler = EpochSampler(train_set.lengths, args.train_batch_size, args.seed, rank, world_size,
+                           args.group_by_length)
+    _, total_steps = schedule_length(args, sampler)
+    engine = build_engine(model, args, world_size, device, total_steps)
+    progress = {"step": 0, "epoch": 0, "batches_done": 0}
+    if args.resume:
+        folder, progress = resume_from_checkpoint(engine, args, rank)
+        if rank == 0:
+            print(f"resumed from {folder} at step {progress['step']}")
+    last_loss = train(engine, method, args, tokenizer, train_set, eval_loader, sampler, device, rank, world_size,
+                      progress)
+    if rank == 0:
+        print(f"done: {progress['step']} steps, last loss {last_loss:.4f}; checkpoint {latest_checkpoint(args.output_dir)}")
+    torch.distributed.barrier()
+    return engine.module, last_loss
