@@ -97,6 +97,9 @@ def build_parser(method):
     train.add_argument("--log_steps", type=int, default=10)
     train.add_argument("--save_steps", type=int, default=0, help="also save every N steps (0: at epoch ends only)")
     train.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --output_dir")
+    train.add_argument("--dump_final_state", default=None, metavar="FILE",
+                       help="also write every parameter of the trained model to this safetensors file (to check "
+                            "what training changed)")
     ds = parser.add_argument_group("deepspeed")
     ds.add_argument("--zero_stage", type=int, choices=[0, 1, 2, 3], default=1)
     ds.add_argument("--offload", action="store_true", help="keep optimizer states on the CPU (ZeRO >= 1)")
@@ -513,5 +516,9 @@ def main(method, argv=None):
                       progress)
     if rank == 0:
         print(f"done: {progress['step']} steps, last loss {last_loss:.4f}; checkpoint {latest_checkpoint(args.output_dir)}")
+        if args.dump_final_state:
+            from safetensors.torch import save_file
+            save_file({k: v.detach().cpu().clone() for k, v in engine.module.state_dict().items()},
+                      args.dump_final_state)
     torch.distributed.barrier()
     return engine.module, last_loss

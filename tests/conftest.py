@@ -24,3 +24,57 @@ def untied_model_dir(tmp_path_factory):
     return build_tiny_model(str(tmp_path_factory.mktemp("untied")), num_layers=2, hidden_size=64,
                             num_attention_heads=4, inner_hidden_size=128, tie_word_embeddings=False,
                             weights_format="safetensors", shards=1, seed=1)
+
+
+def launch(script, *args, launcher=True, timeout=900, check=True):
+    """Run one of the suite's scripts as a user would: through the deepspeed launcher (CPU accelerator) or python."""
+    import subprocess
+    env = dict(os.environ, DS_ACCELERATOR="cpu", PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false")
+    path = os.path.join(ROOT, script)
+    command = (["deepspeed", "--num_gpus", "1", path] if launcher else [sys.executable, path]) + [str(a) for a in args]
+    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{' '.join(command)} failed ({result.returncode}):\n{result.stdout[-3000:]}\n"
+                             f"{result.stderr[-3000:]}")
+    return result
+
+
+@pytest.fixture(scope="session")
+def few_rows(tmp_path_factory):
+    """The six shortest rows of our triple-extraction sample: small enough for a tiny model to learn by heart."""
+    import json
+    with open(os.path.join(ROOT, "data", "spo_train.jsonl"), encoding="utf-8") as f:
+        rows = sorted((json.loads(line) for line in f), key=lambda r: len(r["text"]) + len(r["answer"]))[:6]
+    path = tmp_path_factory.mktemp("rows") / "few.jsonl"
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    return str(path)
+
+
+# (script, method options) per training mode; the learning rates are what a 2-layer random model needs to learn
+# six rows by heart in 300 steps
+MODES = {
+    "freeze": ("finetuning_freeze.py", ["--num_trainable_layers", 1, "--learning_rate", 3e-3]),
+    "pt2": ("finetuning_pt.py", ["--pre_seq_len", 8, "--learning_rate", 1e-1]),
+    "pt2_projection": ("finetuning_pt.py", ["--pre_seq_len", 8, "--prefix_projection", "--learning_rate", 1e-2]),
+    "pt_embedding_only": ("finetuning_pt.py", ["--pre_seq_len", 8, "--prompt_embedding_only", "--learning_rate", 1e-1]),
+    "lora": ("finetuning_lora.py", ["--lora_r", 16, "--lora_dropout", 0, "--learning_rate", 1e-2]),
+}
+
+
+def memorise_args(model_dir, rows, output_dir):
+    return ["--model_dir", model_dir, "--train_path", rows, "--output_dir", output_dir, "--prompt_text", "抽取：",
+            "--num_train_epochs", 300, "--train_batch_size", 6, "--max_len", 128, "--max_src_len", 100, "--fp32",
+            "--lr_scheduler", "constant", "--warmup_ratio", 0.02, "--weight_decay", 0, "--log_steps", 50,
+            "--save_steps", 1000]
+
+
+@pytest.fixture(scope="session")
+def trained(tiny_model_dir, few_rows, tmp_path_factory):
+    """Each mode trained through the deepspeed launcher until it knows the six rows; output folder per mode."""
+    outputs = {}
+    for mode, (script, options) in MODES.items():
+        out = str(tmp_path_factory.mktemp(mode))
+        launch(script, *memorise_args(tiny_model_dir, few_rows, out), *options,
+               "--dump_final_state", os.path.join(out, "final_state.safetensors"))
+        outputs[mode] = out
+    return outputs

@@ -1,0 +1,138 @@
+"""The fine-tuning scripts through the real deepspeed launcher (CPU accelerator) on a tiny model."""
+import json
+import os
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import MODES, launch, memorise_args
+from model_family import load_model
+
+# which parameters each mode may change (the prefix of the name, PEFT's wrapper prefix removed)
+TRAINED = {
+    "freeze": lambda name: name.startswith("transformer.layers.1."),
+    "pt2": lambda name: name.startswith("transformer.prefix_encoder."),
+    "pt2_projection": lambda name: name.startswith("transformer.prefix_encoder."),
+    "pt_embedding_only": lambda name: name.startswith("transformer.prefix_encoder."),
+    "lora": lambda name: ".lora_" in name,
+}
+
+
+def metrics_of(output_dir):
+    with open(os.path.join(output_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def latest(output_dir):
+    with open(os.path.join(output_dir, "latest")) as f:
+        return os.path.join(output_dir, f.read().strip())
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_loss_falls(trained, mode):
+    losses = [r["loss"] for r in metrics_of(trained[mode]) if "loss" in r]
+    assert losses[-1] < 0.8 * losses[0]
+    if mode != "pt_embedding_only":  # a soft input prompt cannot hold six answers; the others learn them by heart
+        assert losses[-1] < 0.05
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_only_the_intended_parameters_change(trained, tiny_model_dir, mode):
+    final = load_file(os.path.join(trained[mode], "final_state.safetensors"))
+    final = {k.removeprefix("base_model.model."): v for k, v in final.items()}
+    base = load_model(tiny_model_dir).state_dict()
+    changed, trained_names = [], [k for k in final if TRAINED[mode](k)]
+    for name, value in final.items():
+        original = base.get(name.replace(".base_layer", ""))
+        if TRAINED[mode](name):
+            continue
+        assert original is not None, name
+        if not torch.equal(value, original):
+            changed.append(name)
+    assert changed == []  # every frozen parameter is bit-identical
+    assert trained_names
+    if mode in ("freeze",):
+        assert any(not torch.equal(final[k], base[k]) for k in trained_names)
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_checkpoint_holds_only_what_was_trained(trained, mode):
+    folder = latest(trained[mode])
+    files = set(os.listdir(folder))
+    assert {"training_args.json", "ice_text.model", "tokenizer_config.json", "ds_state"} <= files
+    if mode == "lora":
+        assert {"adapter_config.json", "adapter_model.safetensors"} <= files
+        names = load_file(os.path.join(folder, "adapter_model.safetensors"))
+        assert names and all("lora_" in k for k in names)
+    else:
+        names = load_file(os.path.join(folder, "model.safetensors"))
+        assert names and all(TRAINED[mode](k) for k in names)
+    if mode.startswith("pt"):
+        config = json.load(open(os.path.join(folder, "config.json")))
+        assert config["pre_seq_len"] == 8
+        assert config["prefix_projection"] == (mode == "pt2_projection")
+        assert config["prompt_embedding_only"] == (mode == "pt_embedding_only")
+
+
+def test_progress_metrics_and_loss_curve(trained):
+    out = trained["lora"]
+    assert os.path.isfile(os.path.join(out, "loss_curve.png"))
+    record = metrics_of(out)[-1]
+    assert {"step", "epoch", "loss", "lr", "tokens_per_s"} <= set(record) and record["tokens_per_s"] > 0
+
+
+def resume_args(model_dir, rows, out):
+    return ["--model_dir", model_dir, "--train_path", rows, "--output_dir", out, "--prompt_text", "抽取：",
+            "--num_train_epochs", 3, "--train_batch_size", 2, "--max_len", 128, "--max_src_len", 100, "--fp32",
+            "--log_steps", 1, "--learning_rate", 1e-2, "--lora_r", 8, "--save_steps", 2]
+
+
+def test_kill_and_resume_ends_with_the_same_loss(tiny_model_dir, few_rows, tmp_path):
+    """LoRA with dropout: the resumed run must restore weights, optimizer, schedule, data order and random state."""
+    whole = str(tmp_path / "whole")
+    launch("finetuning_lora.py", *resume_args(tiny_model_dir, few_rows, whole))
+    pieces = str(tmp_path / "pieces")
+    launch("finetuning_lora.py", *resume_args(tiny_model_dir, few_rows, pieces), "--stop_after_steps", 4)
+    assert os.path.basename(latest(pieces)) == "checkpoint-4"
+    # a save killed half way leaves a temporary folder behind; it must be ignored
+    os.makedirs(os.path.join(pieces, ".checkpoint-6.tmp", "ds_state"))
+    launch("finetuning_lora.py", *resume_args(tiny_model_dir, few_rows, pieces), "--resume")
+    first, second = metrics_of(whole), metrics_of(pieces)
+    assert [r["step"] for r in first] == [r["step"] for r in second] == list(range(1, 10))
+    for a, b in zip(first, second):
+        assert a["loss"] == pytest.approx(b["loss"], abs=1e-5), (a, b)
+        assert a["lr"] == pytest.approx(b["lr"])
+
+
+def test_bf16_with_checkpointing_grouping_and_eval(tiny_model_dir, tmp_path):
+    out = str(tmp_path / "bf16")
+    result = launch("finetuning_lora.py", "--model_dir", tiny_model_dir, "--output_dir", out, "--bf16",
+                    "--gradient_checkpointing", "--group_by_length", "--max_steps", 6, "--log_steps", 2,
+                    "--eval_path", "data/spo_test.jsonl", "--save_steps", 3, "--gradient_accumulation_steps", 2)
+    assert "lora: trainable parameters" in result.stdout
+    records = metrics_of(out)
+    assert [r["step"] for r in records if "eval_loss" in r] == [3, 6]
+    assert sorted(os.listdir(out)) == ["checkpoint-3", "checkpoint-6", "latest", "loss_curve.png", "metrics.jsonl"]
+
+
+@pytest.mark.parametrize("content, message", [
+    ('{"text": "a", "answer": "b"}\n{"text": "c", "answer": \n', "bad.jsonl:2: not valid JSON"),
+    ('{"text": "a", "answer": "b"}\n{"text": "c"}\n', "bad.jsonl:2: row without 'answer'"),
+    ('{"text": "a", "answer": ""}\n', "bad.jsonl:1: empty answer"),
+    ("", "bad.jsonl: empty file, no rows"),
+])
+def test_bad_input_stops_with_one_line(tiny_model_dir, tmp_path, content, message):
+    path = tmp_path / "bad.jsonl"
+    path.write_text(content, encoding="utf-8")
+    result = launch("finetuning_lora.py", "--model_dir", tiny_model_dir, "--train_path", path,
+                    "--output_dir", tmp_path / "out", launcher=False, check=False)
+    assert result.returncode != 0
+    error_lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(error_lines) == 1 and message in error_lines[0], result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+
+
+def test_missing_model_folder_is_named(tmp_path):
+    result = launch("finetuning_lora.py", "--model_dir", tmp_path / "nowhere", launcher=False, check=False)
+    assert result.returncode != 0 and f"error: {tmp_path}/nowhere: model folder not found" in result.stderr
