@@ -1,0 +1,90 @@
+"""Predict scripts: the trained tiny models predict the rows they learned; batching and merging change nothing."""
+import json
+import os
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import launch
+
+PREDICT = {"freeze": "predict_freeze.py", "pt2": "predict_pt.py", "pt2_projection": "predict_pt.py",
+           "pt_embedding_only": "predict_pt.py", "lora": "predict_lora.py"}
+
+
+def predict(mode, trained, rows, tmp_path, *extra, check=True):
+    out = tmp_path / f"{mode}-{len(list(tmp_path.iterdir()))}"
+    result = launch(PREDICT[mode], "--model_dir", trained[mode], "--test_path", rows, "--output_dir", out,
+                    "--device", "cpu", "--batch_size", 4, *extra, launcher=False, check=check)
+    if not check:
+        return result
+    with open(out / "metrics.json") as f:
+        metrics = json.load(f)
+    with open(out / "predictions.jsonl") as f:
+        predictions = [json.loads(line) for line in f]
+    return metrics, predictions
+
+
+@pytest.mark.parametrize("mode", ["freeze", "pt2", "pt2_projection", "lora"])
+def test_trained_model_predicts_the_rows_it_learned(trained, few_rows, tmp_path, mode):
+    metrics, predictions = predict(mode, trained, few_rows, tmp_path)
+    assert metrics["f1"] >= 0.9
+    assert metrics["rows"] == len(predictions) == 6
+    assert {"micro_precision", "micro_recall", "micro_f1", "seconds", "rows_per_s", "generated_tokens_per_s"} <= set(metrics)
+    assert set(predictions[0]) == {"text", "reference", "generated", "score"}
+
+
+def test_embedding_only_prompt_predicts_and_is_scored(trained, few_rows, tmp_path):
+    metrics, predictions = predict("pt_embedding_only", trained, few_rows, tmp_path)
+    assert 0.0 <= metrics["f1"] <= 1.0 and len(predictions) == 6
+
+
+def test_batched_equals_one_row_at_a_time(trained, tmp_path):
+    _, batched = predict("lora", trained, "data/spo_test.jsonl", tmp_path, "--max_new_tokens", 24,
+                         "--batch_size", 16)
+    _, single = predict("lora", trained, "data/spo_test.jsonl", tmp_path, "--max_new_tokens", 24,
+                        "--batch_size", 1)
+    assert [p["generated"] for p in batched] == [p["generated"] for p in single]
+    assert any(p["generated"] for p in batched)
+
+
+def test_merged_and_unmerged_lora_give_the_same_tokens(trained, few_rows, tmp_path):
+    _, merged = predict("lora", trained, few_rows, tmp_path)
+    _, separate = predict("lora", trained, few_rows, tmp_path, "--no_merge")
+    assert [p["generated"] for p in merged] == [p["generated"] for p in separate]
+
+
+def official_ptuning_folder(trained, tmp_path):
+    """A checkpoint as THUDM's P-Tuning v2 recipe saves it: config.json and a pytorch_model.bin of the prefix."""
+    with open(os.path.join(trained["pt2_projection"], "latest")) as f:
+        ours = os.path.join(trained["pt2_projection"], f.read().strip())
+    folder = tmp_path / "official-ptuning"
+    folder.mkdir()
+    shutil.copy(os.path.join(ours, "config.json"), folder / "config.json")
+    torch.save(load_file(os.path.join(ours, "model.safetensors")), folder / "pytorch_model.bin")
+    with open(os.path.join(ours, "training_args.json")) as f:
+        base = json.load(f)["model_dir"]
+    return str(folder), base
+
+
+def test_predict_pt_loads_an_official_ptuning_checkpoint(trained, few_rows, tmp_path):
+    folder, base = official_ptuning_folder(trained, tmp_path)
+    _, ours = predict("pt2_projection", trained, few_rows, tmp_path)
+    metrics, theirs = predict("pt2_projection", {"pt2_projection": folder}, few_rows, tmp_path,
+                              "--ori_model_dir", base, "--prompt_text", "抽取：", "--max_len", 128, "--max_src_len", 100)
+    assert [p["generated"] for p in theirs] == [p["generated"] for p in ours]
+
+
+@pytest.mark.parametrize("option, message", [
+    (["--pre_seq_len", 4], "--pre_seq_len 4 does not match the checkpoint"),
+    (["--no-prefix_projection"], "--prefix_projection False does not match the checkpoint"),
+])
+def test_predict_pt_says_when_the_prompt_settings_do_not_match(trained, few_rows, tmp_path, option, message):
+    result = predict("pt2_projection", trained, few_rows, tmp_path, *option, check=False)
+    assert result.returncode != 0 and message in result.stderr and "Traceback" not in result.stderr
+
+
+def test_missing_checkpoint_is_named(tmp_path):
+    result = launch("predict_lora.py", "--model_dir", tmp_path / "none", launcher=False, check=False)
+    assert result.returncode != 0 and "none: checkpoint folder not found" in result.stderr
