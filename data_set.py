@@ -30,7 +30,7 @@ class Row:
     raw: dict = field(repr=False, default=None)
 
 
-def parse_row(obj, prompt_text):
+def parse_row(obj, prompt_text, allow_empty_answer=False):
     """(prompt, text, answers) of one row object, or raise ValueError saying what is wrong."""
     if not isinstance(obj, dict):
         raise ValueError(f"expected a JSON object, got {type(obj).__name__}")
@@ -49,13 +49,15 @@ def parse_row(obj, prompt_text):
     answers = answers if isinstance(answers, list) else [answers]
     if not all(isinstance(x, str) for x in [prompt, text] + answers):
         raise ValueError("text, prompt and answer fields must be strings")
-    if not answers or not any(a.strip() for a in answers):
+    if not answers or not (allow_empty_answer or any(a.strip() for a in answers)):
         raise ValueError("empty answer")
     return prompt, text, answers
 
 
-def read_rows(path, prompt_text="", skip_bad=False, log=print):
-    """Rows of a .jsonl or .json file. Bad rows raise DataError naming file and line, or are skipped and counted."""
+def read_rows(path, prompt_text="", skip_bad=False, log=print, allow_empty_answer=False):
+    """Rows of a .jsonl or .json file. Bad rows raise DataError naming file and line, or are skipped and counted.
+
+    An empty answer is bad in training data; a test set may have rows whose reference is empty (no triples)."""
     try:
         with open(path, encoding="utf-8") as f:
             content = f.read()
@@ -82,7 +84,7 @@ def read_rows(path, prompt_text="", skip_bad=False, log=print):
     for number, obj, error in items:
         if error is None:
             try:
-                prompt, text, answers = parse_row(obj, prompt_text)
+                prompt, text, answers = parse_row(obj, prompt_text, allow_empty_answer)
             except ValueError as err:
                 error = str(err)
         if error is not None:

@@ -22,6 +22,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_layers import GradientCheckpointingLayer
@@ -32,6 +33,9 @@ from configuration_chatglm import ChatGLMConfig
 ROPE_BASE = 10000.0
 MASKED_SCORE = -10000.0  # the official code fills masked scores with this, not -inf
 RESIDUAL_ALPHA = (2 * 28) ** 0.5
+# cuDNN attention builds a new plan for every new sequence length, and here every batch and every decode step has
+# one (hundreds of ms each on an H100); the flash / memory-efficient kernels take any length at no set-up cost.
+SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -168,7 +172,8 @@ class SelfAttention(nn.Module):
     def attend(self, query, key, value, attention_mask):
         scale = 1.0 / math.sqrt(self.head_dim)
         if self.config._attn_implementation != "eager":
-            return F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, scale=scale)
+            with sdpa_kernel(SDPA_BACKENDS):
+                return F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, scale=scale)
         scores = torch.matmul(query, key.transpose(-1, -2)) * scale
         if attention_mask is not None:
             scores = scores.masked_fill(~attention_mask, MASKED_SCORE)

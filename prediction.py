@@ -158,7 +158,7 @@ def main(method, argv=None):
     try:
         family = family_for(args.ori_model_dir, args.mode)
         tokenizer = load_tokenizer(args.ori_model_dir, family)
-        rows = read_rows(args.test_path, args.prompt_text, args.skip_bad_rows)
+        rows = read_rows(args.test_path, args.prompt_text, args.skip_bad_rows, allow_empty_answer=True)
         model = method.load(args.ori_model_dir, checkpoint, args, family, dtype).to(device).eval()
     except (ModelFolderError, DataError) as err:
         raise SystemExit(f"error: {err}")

@@ -73,6 +73,8 @@ def build_parser(method):
                        "weights)")
     model.add_argument("--mode", default=None, help="model family, if not the one read from the model folder")
     model.add_argument("--gradient_checkpointing", action="store_true", help="recompute activations: less memory")
+    model.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                       help="torch.compile each transformer block (default: on a GPU, off on the CPU)")
     train = parser.add_argument_group("training")
     train.add_argument("--output_dir", default=f"output_dir_{method.name}")
     train.add_argument("--num_train_epochs", type=int, default=5)
@@ -197,6 +199,18 @@ def make_scheduler(optimizer, args, total_steps):
             return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
         return max(0.0, 1.0 - progress)
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def compile_blocks(model):
+    """torch.compile every transformer block, with the sequence length dynamic so one graph serves every batch.
+
+    A 6B step at batch 2 is bound by the host launching ~2,800 small kernels; compiled blocks fuse the pointwise
+    work (rotary, residuals, norms, GELU) into few kernels. The block classes are the model's `_no_split_modules`.
+    """
+    block_names = set(getattr(model, "_no_split_modules", None) or [])
+    for module in model.modules():
+        if type(module).__name__ in block_names:
+            module.compile(dynamic=True)
 
 
 def build_engine(model, args, world_size, device, total_steps):
@@ -499,6 +513,8 @@ def main(method, argv=None):
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     model = method.prepare(model, args, family)
+    if args.compile or (args.compile is None and device.type == "cuda"):
+        compile_blocks(model)
     trainable, total = count_parameters(model)
     if rank == 0:
         print(f"{method.name}: trainable parameters {trainable:,} / {total:,} ({100 * trainable / total:.4f}%)")

@@ -1,0 +1,398 @@
+"""The reference experiment on one GPU: training step time, memory and MFU per method, and prediction time.
+
+A ChatGLM-6B-sized model (the official config: 28 layers, hidden 4096, 32 heads, vocab 130,528) is built with
+random weights directly on the GPU (speed and memory do not depend on the weights). Batches follow the token
+lengths of the spo training set (bench/spo_lengths.json, made by bench/make_length_profile.py with a tokenizer
+trained on that data), two rows per step as in the reference, through the suite's own method code
+(finetuning_*.py) and DeepSpeed engine (training.build_engine: ZeRO-1, bf16).
+
+Each training variant runs in its own process, so its peak memory is its own. "reference config" is our code
+set up as the reference project ran: every row padded to 768, fp16 with loss scaling, eager attention, full
+logits; prediction one row at a time.
+
+    python bench/bench_gpu.py --all --out bench/results        # everything, prints the table (about 8 minutes)
+    python bench/bench_gpu.py --variant lora [--gc] [--reference]   # one training variant, one JSON line
+    python bench/bench_gpu.py --predict | --attention             # prediction / attention comparison
+
+FLOPs are counted per batch from the matrix shapes (see `train_flops`); MFU = FLOPs / time / 989 TFLOP/s
+(H100 SXM dense bf16; an H200 has the same peak).
+"""
+import argparse
+import json
+import os
+import random
+import subprocess
+import sys
+import time
+from types import SimpleNamespace
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+PEAK_FLOPS = 989e12
+REFERENCE_EPOCH_ROWS = 1441  # the reference trained on all 1,441 rows: 720 steps per epoch at batch 2
+METHODS = {
+    "lora": dict(module="finetuning_lora", cls="LoRA", lr=1e-4, extra=dict(lora_r=8, lora_alpha=32, lora_dropout=0.1,
+                                                                           lora_target=None)),
+    "freeze": dict(module="finetuning_freeze", cls="Freeze", lr=1e-4,
+                   extra=dict(num_trainable_layers=5, freeze_module_name=None)),
+    "pt2": dict(module="finetuning_pt", cls="PTuning", lr=2e-2,
+                extra=dict(pre_seq_len=16, prefix_projection=False, prompt_embedding_only=False)),
+    "pt_embedding_only": dict(module="finetuning_pt", cls="PTuning", lr=2e-2,
+                              extra=dict(pre_seq_len=16, prefix_projection=False, prompt_embedding_only=True)),
+}
+
+
+TINY = False  # --tiny: a 2-layer model on whatever device there is, to check this script (tests/test_bench.py)
+
+
+def on_gpu():
+    return torch.cuda.is_available()
+
+
+def sync():
+    if on_gpu():
+        torch.cuda.synchronize()
+
+
+def reset_peak():
+    if on_gpu():
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def peak_gib():
+    return round(torch.cuda.max_memory_allocated() / 2 ** 30, 2) if on_gpu() else 0.0
+
+
+def device_name():
+    return torch.cuda.get_device_name(0) if on_gpu() else "cpu"
+
+
+def load_profile():
+    with open(os.path.join(ROOT, "bench", "spo_lengths.json")) as f:
+        return json.load(f)
+
+
+def official_config(**overrides):
+    from configuration_chatglm import ChatGLMConfig
+    if TINY:
+        overrides.update(hidden_size=64, num_layers=6, num_attention_heads=4, inner_hidden_size=128)
+    return ChatGLMConfig(**overrides)  # the defaults are ChatGLM-6B's
+
+
+def build_model(config, dtype):
+    """A ChatGLM-6B-sized model with random weights, made on the GPU."""
+    from modeling_chatglm import ChatGLMForConditionalGeneration
+    torch.set_default_dtype(dtype)
+    with torch.device("cuda" if on_gpu() else "cpu"):
+        model = ChatGLMForConditionalGeneration(config)
+    torch.set_default_dtype(torch.float32)
+    return model
+
+
+def make_batches(profile, config, n, pad_to=None, seed=0):
+    """Batches of two training rows with the spo lengths: context ending in [gMASK], then <sop> answer <eop>."""
+    rng = random.Random(seed)
+    rows = list(zip(profile["train_lengths"], profile["train_label_tokens"]))
+    batches = []
+    for _ in range(n):
+        pair = rng.sample(rows, 2)
+        width = pad_to or max(length for length, _ in pair)
+        input_ids = torch.full((2, width), config.pad_token_id, dtype=torch.long)
+        labels = torch.full((2, width), -100, dtype=torch.long)
+        for i, (length, answer) in enumerate(pair):
+            context = length - answer
+            ids = torch.randint(20005, 130000, (length,))
+            ids[context - 1], ids[context], ids[length - 1] = config.gmask_token_id, config.bos_token_id, \
+                config.eos_token_id
+            input_ids[i, :length] = ids
+            labels[i, context:length] = ids[context:]
+        batches.append({"input_ids": input_ids, "labels": labels,
+                        "real_tokens": sum(length for length, _ in pair)})
+    return batches
+
+
+def train_flops(batch, config, method, trainable_layers):
+    """Model FLOPs of one training step (no recomputation counted).
+
+    Per layer the matmuls hold 12 h^2 weights (qkv 3h^2, dense h^2, MLP 8h^2): forward 2 x 12 h^2 per token;
+    attention 4 s^2 h per sequence (QK^T and PV over the full square, as computed). The head is applied only
+    where a label is (loss_only) or, in the reference config, everywhere. Backward: activation gradients (the
+    forward's cost again, attention twice) through every layer the gradient must cross, plus weight gradients
+    (the forward's cost again) for trained weights. LoRA, P-Tuning v2 and the embedding-only prompt need
+    activation gradients down to the first layer; Freeze only through its last layers.
+    """
+    h, layers, vocab = config.hidden_size, config.num_layers, config.vocab_size
+    labels = batch["labels"]
+    tokens = labels.numel() if batch.get("padded") else batch["real_tokens"]
+    seq_lens = [labels.shape[1]] * 2 if batch.get("padded") else \
+        [int((row != config.pad_token_id).sum()) for row in batch["input_ids"]]
+    head_tokens = tokens if batch.get("full_logits") else int((labels[:, 1:] != -100).sum())
+    layer_fwd = 2 * 12 * h * h * tokens + sum(4 * s * s * h for s in seq_lens)
+    head_fwd = 2 * head_tokens * h * vocab
+    forward = layers * layer_fwd + head_fwd
+    crossed = trainable_layers if method == "freeze" else layers
+    attention = sum(4 * s * s * h for s in seq_lens)
+    backward = head_fwd + crossed * (layer_fwd + attention)  # activation gradients
+    if method == "freeze":
+        backward += trainable_layers * 2 * 12 * h * h * tokens  # weight gradients of the trained layers
+    return forward + backward
+
+
+def run_training_variant(method, gradient_checkpointing, reference, steps, warmup, compile_blocks_=True):
+    from model_family import CHATGLM6B
+    from training import build_engine, compile_blocks, setup_distributed
+    spec = METHODS[method]
+    _, _, device = setup_distributed()
+    torch.manual_seed(0)
+    dtype = torch.float16 if reference else torch.bfloat16
+    overrides = {k: v for k, v in spec["extra"].items() if k in ("pre_seq_len", "prefix_projection",
+                                                                 "prompt_embedding_only")}
+    config = official_config(**overrides)
+    model = build_model(config, dtype)
+    if reference:
+        model.config._attn_implementation = "eager"
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    model.train()
+    module = __import__(spec["module"])
+    args = SimpleNamespace(learning_rate=spec["lr"], weight_decay=0.1, lr_scheduler="linear", warmup_ratio=0.0,
+                           train_batch_size=2, gradient_accumulation_steps=1, max_grad_norm=1.0, zero_stage=1,
+                           offload=False, ds_config=None, precision="fp16" if reference else "bf16",
+                           model_dir="random", **spec["extra"])
+    model = getattr(module, spec["cls"])().prepare(model, args, CHATGLM6B)
+    compiled = compile_blocks_ and not reference
+    if compiled:
+        compile_blocks(model)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    engine = build_engine(model, args, 1, device, total_steps=10_000)
+    batches = make_batches(load_profile(), config, warmup + steps, pad_to=768 if reference else None)
+    for b in batches:
+        b["padded"], b["full_logits"] = reference, reference
+    reset_peak()
+
+    def step(b):
+        loss = engine(input_ids=b["input_ids"].to(device), labels=b["labels"].to(device),
+                      loss_only=not reference).loss
+        engine.backward(loss)
+        engine.step()
+    for b in batches[:warmup]:
+        step(b)
+    sync()
+    start = time.perf_counter()
+    for b in batches[warmup:]:
+        step(b)
+    sync()
+    seconds = (time.perf_counter() - start) / steps
+    measured = batches[warmup:]
+    real_tokens = sum(b["real_tokens"] for b in measured) / steps
+    flops = sum(train_flops(b, config, method, 5) for b in measured) / steps
+    steps_per_epoch = REFERENCE_EPOCH_ROWS // 2
+    return {"method": method, "gradient_checkpointing": gradient_checkpointing, "reference_config": reference,
+            "compiled": compiled,
+            "trainable_params": trainable, "ms_per_step": round(seconds * 1000, 1),
+            "real_tokens_per_s": round(real_tokens / seconds), "s_per_epoch": round(seconds * steps_per_epoch, 1),
+            "min_for_5_epochs": round(seconds * steps_per_epoch * 5 / 60, 2),
+            "peak_gib": peak_gib(), "mfu": round(flops / seconds / PEAK_FLOPS, 3), "gpu": device_name()}
+
+
+def make_prompts(profile, config, rows=50):
+    prompts = []
+    for length in profile["test_prompt_lengths"][:rows]:
+        ids = torch.randint(20005, 130000, (length,)).tolist()
+        ids[-2:] = [config.gmask_token_id, config.bos_token_id]
+        prompts.append(ids)
+    return prompts
+
+
+def timed_generate(model, prompts, batch_size, new_tokens, pad_id):
+    from prediction import left_pad
+    sync()
+    start = time.perf_counter()
+    for i in range(0, len(prompts), batch_size):
+        input_ids, mask = left_pad(prompts[i:i + batch_size], pad_id)
+        device = model.lm_head.weight.device
+        model.generate(input_ids=input_ids.to(device), attention_mask=mask.to(device), max_new_tokens=new_tokens,
+                       min_new_tokens=new_tokens, do_sample=False, eos_token_id=None, pad_token_id=pad_id)
+    sync()
+    return time.perf_counter() - start
+
+
+def run_prediction(new_tokens, single_rows):
+    """50 test prompts, `new_tokens` generated each: batched in bf16 / SDPA, and one row at a time (ours, and the
+    reference config fp16 / eager) on the first `single_rows` rows, extrapolated to 50."""
+    torch.manual_seed(0)
+    config = official_config()
+    prompts = make_prompts(load_profile(), config)
+    results = []
+    for name, dtype, attention, batch in [("batched (ours)", torch.bfloat16, "sdpa", 50),
+                                          ("one row at a time (ours)", torch.bfloat16, "sdpa", 1),
+                                          ("one row at a time (reference config)", torch.float16, "eager", 1)]:
+        model = build_model(config, dtype).eval()
+        model.config._attn_implementation = attention
+        rows = prompts if batch > 1 else prompts[:single_rows]
+        timed_generate(model, rows[:2], batch, 8, config.pad_token_id)  # warm-up
+        seconds = timed_generate(model, rows, batch, new_tokens, config.pad_token_id) * len(prompts) / len(rows)
+        results.append({"prediction": name, "rows": len(prompts), "measured_rows": len(rows),
+                        "new_tokens": new_tokens, "seconds_for_50": round(seconds, 1),
+                        "ms_per_token_step": round(seconds / (len(prompts) / batch) / new_tokens * 1000, 2),
+                        "peak_gib": peak_gib(), "gpu": device_name()})
+        del model
+        reset_peak()
+    return results
+
+
+def run_attention_comparison(steps=10):
+    """Forward + backward (all weights trainable) of the 6B model at batch 2 x 768 in bf16: SDPA against eager."""
+    torch.manual_seed(0)
+    config = official_config()
+    model = build_model(config, torch.bfloat16).train()
+    batch = make_batches(load_profile(), config, 1, pad_to=768)[0]
+    device = model.lm_head.weight.device
+    ids, labels = batch["input_ids"].to(device), batch["labels"].to(device)
+    ids[:, :] = torch.where(ids == config.pad_token_id, 20100, ids)  # 768 real tokens per row
+    results = []
+    for attention in ("sdpa", "eager"):
+        model.config._attn_implementation = attention
+        for p in model.parameters():
+            p.grad = None
+        sync()
+        reset_peak()
+        for i in range(steps + 2):
+            if i == 2:
+                sync()
+                start = time.perf_counter()
+            model(input_ids=ids, labels=labels, loss_only=True).loss.backward()
+        sync()
+        results.append({"attention": attention, "batch": "2 x 768", "dtype": "bf16",
+                        "fwd_bwd_ms": round((time.perf_counter() - start) / steps * 1000, 1),
+                        "peak_gib": peak_gib(), "gpu": device_name()})
+    return results
+
+
+def variant_list():
+    variants = []
+    for method in METHODS:
+        variants.append([method])
+        variants.append([method, "--gc"])
+    variants += [["lora", "--no_compile"], ["lora", "--reference"], ["freeze", "--reference"], ["pt2", "--reference"],
+                 ["pt_embedding_only", "--reference"]]
+    return variants
+
+
+def run_all(out_dir, steps, warmup, new_tokens, single_rows, skip_predict, prediction_from=None, only=None):
+    rows = []
+    tiny = ["--tiny"] if TINY else []
+    for variant in variant_list():
+        if only and variant[0] not in only:
+            continue
+        command = [sys.executable, os.path.abspath(__file__), "--variant", *variant, "--steps", str(steps),
+                   "--warmup", str(warmup), *tiny]
+        done = subprocess.run(command, capture_output=True, text=True)
+        lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+        if done.returncode != 0 or not lines:
+            print(f"FAILED {variant}: {done.stderr[-1500:]}", flush=True)
+            continue
+        rows.append(json.loads(lines[-1]))
+        print(json.dumps(rows[-1]), flush=True)
+    if prediction_from:
+        with open(prediction_from) as f:
+            prediction = json.load(f)
+    else:
+        prediction = [] if skip_predict else json.loads(subprocess.run(
+        [sys.executable, os.path.abspath(__file__), "--predict", "--new_tokens", str(new_tokens),
+         "--single_rows", str(single_rows), *tiny], capture_output=True, text=True).stdout.strip().splitlines()[-1])
+    write_report({"date": time.strftime("%Y-%m-%d"), "training": rows, "prediction": prediction}, out_dir)
+
+
+def merge_reports(paths, out_dir):
+    """One report from several partial runs (each GPU call has a time limit)."""
+    report = {"date": None, "training": [], "prediction": []}
+    for path in paths:
+        with open(path) as f:
+            part = json.load(f)
+        report["date"] = part["date"]
+        report["training"] += part["training"]
+        report["prediction"] = part["prediction"] or report["prediction"]
+    write_report(report, out_dir)
+
+
+def write_report(report, out_dir):
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "bench_gpu.json"), "w") as f:
+        json.dump(report, f, indent=1)
+    table = markdown_table(report)
+    with open(os.path.join(out_dir, "bench_gpu.md"), "w") as f:
+        f.write(table)
+    print(table)
+
+
+def markdown_table(report):
+    gpu = (report["training"] or report["prediction"] or [{"gpu": "?"}])[0]["gpu"]
+    lines = [f"Measured {report['date']} on {gpu} by `python bench/bench_gpu.py --all`.", "",
+             "| method | config | ms/step | real tokens/s | 5 epochs (min) | peak GiB | MFU | speed-up vs reference config |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    reference = {r["method"]: r["ms_per_step"] for r in report["training"] if r["reference_config"]}
+    for r in report["training"]:
+        config = "reference config (pad 768, fp16, eager)" if r["reference_config"] else \
+            ("ours" + (", grad. checkpointing" if r["gradient_checkpointing"] else "")
+             + ("" if r.get("compiled", True) else ", not compiled"))
+        ratio = "" if r["reference_config"] or r["method"] not in reference else \
+            f"{reference[r['method']] / r['ms_per_step']:.1f}x"
+        lines.append(f"| {r['method']} | {config} | {r['ms_per_step']} | {r['real_tokens_per_s']} | "
+                     f"{r['min_for_5_epochs']} | {r['peak_gib']} | {100 * r['mfu']:.1f}% | {ratio} |")
+    if report["prediction"]:
+        lines += ["", "| prediction of the 50 test rows | new tokens per row | seconds (50 rows) | ms per decode step | peak GiB |",
+                  "| --- | --- | --- | --- | --- |"]
+        for r in report["prediction"]:
+            note = "" if r["measured_rows"] == r["rows"] else f" ({r['measured_rows']} rows timed, scaled to 50)"
+            lines.append(f"| {r['prediction']}{note} | {r['new_tokens']} | {r['seconds_for_50']} | "
+                         f"{r['ms_per_token_step']} | {r['peak_gib']} |")
+    return "\n".join(lines) + "\n"
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--all", action="store_true", help="every variant and prediction; writes --out")
+    parser.add_argument("--variant", choices=list(METHODS), help="one training variant")
+    parser.add_argument("--gc", action="store_true", help="with gradient checkpointing")
+    parser.add_argument("--reference", action="store_true", help="the reference configuration")
+    parser.add_argument("--no_compile", action="store_true", help="ours without torch.compile of the blocks")
+    parser.add_argument("--predict", action="store_true")
+    parser.add_argument("--attention", action="store_true", help="SDPA vs eager forward+backward")
+    parser.add_argument("--skip_predict", action="store_true")
+    parser.add_argument("--prediction_from", default=None, help="with --all: a JSON file of --predict output "
+                        "measured earlier, put into the report instead of measuring again")
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--warmup", type=int, default=8, help="untimed steps first (compilation happens here)")
+    parser.add_argument("--new_tokens", type=int, default=315, help="generated per row (the reference's maximum)")
+    parser.add_argument("--single_rows", type=int, default=3, help="rows timed one at a time (scaled to 50)")
+    parser.add_argument("--out", default=os.path.join(ROOT, "bench", "results"))
+    parser.add_argument("--only", default=None, help="with --all: comma-separated methods to run")
+    parser.add_argument("--merge", nargs="+", default=None, metavar="JSON", help="merge bench_gpu.json files of "
+                        "partial runs into --out")
+    parser.add_argument("--tiny", action="store_true", help="a 2-layer model: checks the script, measures nothing")
+    parser.add_argument("--local_rank", type=int, default=-1)
+    args = parser.parse_args()
+    global TINY
+    TINY = args.tiny
+    if args.all:
+        run_all(args.out, args.steps, args.warmup, args.new_tokens, args.single_rows, args.skip_predict,
+                args.prediction_from, args.only.split(",") if args.only else None)
+    elif args.merge:
+        merge_reports(args.merge, args.out)
+    elif args.variant:
+        print(json.dumps(run_training_variant(args.variant, args.gc, args.reference, args.steps, args.warmup,
+                                              not args.no_compile)))
+    elif args.predict:
+        print(json.dumps(run_prediction(args.new_tokens, args.single_rows)))
+    elif args.attention:
+        print(json.dumps(run_attention_comparison()))
+    else:
+        parser.error("choose --all, --variant, --predict or --attention")
+
+
+if __name__ == "__main__":
+    main()
