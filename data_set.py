@@ -118,6 +118,10 @@ class Seq2SeqDataset(Dataset):
         max_answer_len = max_len - max_src_len - family.special_tokens
         self.examples, self.truncated = [], 0
         for row in self.rows:
+            prompt_len = len(tokenizer.encode(row.prompt, add_special_tokens=False)) if row.prompt else 0
+            if prompt_len >= max_src_len:
+                raise DataError(f"{path}:{row.line}: the prompt alone is {prompt_len} tokens, leaving no room for the "
+                                f"text within --max_src_len {max_src_len}; raise --max_src_len or shorten the prompt")
             source_ids, cut = encode_source(tokenizer, row, max_src_len)
             answer_ids = tokenizer.encode(row.answers[0], add_special_tokens=False)
             cut = cut or len(answer_ids) > max_answer_len

@@ -106,3 +106,9 @@ def test_grouping_by_length_makes_batches_of_similar_rows():
                    for i in range(0, len(order), 4))
     assert sorted(grouped) == sorted(plain) == list(range(400))
     assert padding(grouped) < padding(plain) / 5
+
+
+def test_a_prompt_longer_than_max_src_len_is_an_error(tokenizer, tmp_path):
+    path = write(tmp_path, "a.jsonl", json.dumps({"text": "发动机异响", "answer": "x"}) + "\n")
+    with pytest.raises(DataError, match="a.jsonl:1: the prompt alone is .* tokens, leaving no room"):
+        Seq2SeqDataset(path, tokenizer, CHATGLM6B, 64, 8, "很长的提示" * 10, log=lambda *a: None)

@@ -81,7 +81,8 @@ def build_tiny_model(output_dir, num_layers=4, hidden_size=128, num_attention_he
                      shards=2, seed=0, tie_word_embeddings=True, max_sequence_length=2048, embedding_std=1.0, init_std=0.2):
     os.makedirs(output_dir, exist_ok=True)
     sp_path = os.path.join(output_dir, "ice_text.model")
-    train_sentencepiece_model(texts_from(list(text)), sp_path, vocab_size=vocab_pieces)
+    from training import DEFAULT_PROMPT  # the default task instruction is text the tokenizer should know
+    train_sentencepiece_model(texts_from(list(text)) + [DEFAULT_PROMPT] * 10, sp_path, vocab_size=vocab_pieces)
     tokenizer = ChatGLMTokenizer(sp_path, num_image_tokens=num_image_tokens)
     tokenizer.save_pretrained(output_dir)
     config = ChatGLMConfig(

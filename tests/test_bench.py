@@ -1,0 +1,49 @@
+"""The benchmark script runs (a tiny model on the CPU) and counts FLOPs as its docstring says."""
+import json
+import os
+import subprocess
+import sys
+
+import torch
+
+from conftest import ROOT
+
+sys.path.insert(0, os.path.join(ROOT, "bench"))
+import bench_gpu  # noqa: E402
+
+
+def test_one_training_variant_runs_and_reports(tmp_path):
+    env = dict(os.environ, DS_ACCELERATOR="cpu")
+    result = subprocess.run([sys.executable, "bench/bench_gpu.py", "--variant", "lora", "--tiny", "--steps", "1",
+                             "--warmup", "1", "--no_compile"], cwd=ROOT, env=env, capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    row = json.loads(result.stdout.strip().splitlines()[-1])
+    assert row["method"] == "lora" and row["ms_per_step"] > 0 and row["real_tokens_per_s"] > 0
+
+
+def test_flops_of_a_step():
+    config = bench_gpu.official_config()
+    h, layers, vocab = config.hidden_size, config.num_layers, config.vocab_size
+    labels = torch.full((2, 100), -100)
+    labels[:, 60:100] = 7
+    batch = {"input_ids": torch.full((2, 100), 20100), "labels": labels, "real_tokens": 200}
+    attention = 2 * 4 * 100 * 100 * h
+    forward = layers * (2 * 12 * h * h * 200 + attention) + 2 * 2 * 39 * h * vocab
+    lora = bench_gpu.train_flops(batch, config, "lora", 5)
+    # LoRA: forward, then activation gradients through every layer (attention backward twice its forward)
+    assert lora == forward + 2 * 2 * 39 * h * vocab + layers * (2 * 12 * h * h * 200 + 2 * attention)
+    freeze = bench_gpu.train_flops(batch, config, "freeze", 5)
+    assert forward < freeze < lora
+    # roughly 4 x 6.2e9 FLOP per token for LoRA, as the brief estimates (attention and the head on top)
+    assert 3.5 * 5.6e9 * 200 < lora < 5 * 6.2e9 * 200
+
+
+def test_markdown_table_has_ratios_against_the_reference_config():
+    report = {"date": "2026-01-01", "prediction": [], "training": [
+        {"method": "lora", "reference_config": True, "gradient_checkpointing": False, "ms_per_step": 100.0,
+         "real_tokens_per_s": 1, "min_for_5_epochs": 1, "peak_gib": 1, "mfu": 0.1, "gpu": "X"},
+        {"method": "lora", "reference_config": False, "gradient_checkpointing": False, "ms_per_step": 25.0,
+         "real_tokens_per_s": 1, "min_for_5_epochs": 1, "peak_gib": 1, "mfu": 0.4, "gpu": "X"}]}
+    table = bench_gpu.markdown_table(report)
+    assert "on X" in table and "| 4.0x |" in table
