@@ -379,6 +379,18 @@ def evaluate(engine, loader, device):
     return total / max(count, 1)
 
 
+def rank_share(labels, world_size, device):
+    """Factor that turns this rank's mean token loss into its share of the mean over every rank's tokens.
+
+    DeepSpeed averages gradients over ranks, which weights each rank's mean equally; rows differ in length, so
+    scaling by (local tokens x ranks / global tokens) makes N ranks compute the loss one rank computes on the
+    same global batch."""
+    local = torch.tensor(float((labels[:, 1:] != -100).sum()), device=device)
+    total = local.clone()
+    torch.distributed.all_reduce(total)
+    return local * world_size / total
+
+
 def check_finite(loss_value, step):
     if not math.isfinite(loss_value):
         raise SystemExit(f"step {step}: the loss is {loss_value}; stopping without saving. Lower --learning_rate, "
@@ -407,6 +419,8 @@ def train(engine, method, args, tokenizer, train_set, eval_loader, sampler, devi
                 continue
             window_tokens += int(batch.pop("num_tokens")) * world_size
             loss = engine(**to_device(batch, device), loss_only=True).loss
+            if world_size > 1:
+                loss = loss * rank_share(batch["labels"], world_size, device)
             engine.backward(loss)
             engine.step()
             window_loss += loss.detach().float()
@@ -418,6 +432,9 @@ def train(engine, method, args, tokenizer, train_set, eval_loader, sampler, devi
             interrupted = progress["step"] == args.stop_after_steps
             at_end = progress["step"] >= total_steps or i + 1 >= batches_per_epoch or interrupted
             if progress["step"] % args.log_steps == 0 or at_end:
+                if world_size > 1:  # the mean over all ranks' tokens
+                    torch.distributed.all_reduce(window_loss)
+                    window_loss /= world_size
                 last_loss = window_loss.item() / window_micro
                 check_finite(last_loss, progress["step"])
                 elapsed = time.time() - window_start

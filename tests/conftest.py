@@ -26,12 +26,13 @@ def untied_model_dir(tmp_path_factory):
                             weights_format="safetensors", shards=1, seed=1)
 
 
-def launch(script, *args, launcher=True, timeout=900, check=True):
+def launch(script, *args, launcher=True, timeout=900, check=True, ranks=1):
     """Run one of the suite's scripts as a user would: through the deepspeed launcher (CPU accelerator) or python."""
     import subprocess
     env = dict(os.environ, DS_ACCELERATOR="cpu", PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false")
     path = os.path.join(ROOT, script)
-    command = (["deepspeed", "--num_gpus", "1", path] if launcher else [sys.executable, path]) + [str(a) for a in args]
+    command = (["deepspeed", "--num_gpus", str(ranks), path] if launcher else [sys.executable, path]) + \
+        [str(a) for a in args]
     result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     if check and result.returncode != 0:
         raise AssertionError(f"{' '.join(command)} failed ({result.returncode}):\n{result.stdout[-3000:]}\n"

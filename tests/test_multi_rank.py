@@ -1,0 +1,58 @@
+"""Two DeepSpeed ranks (CPU accelerator) against one, with the same global batch and seed: ZeRO-1, -2 and -3."""
+import json
+import os
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import launch
+
+STEPS = 3
+METHOD_ARGS = {
+    "lora": ("finetuning_lora.py", ["--lora_r", 8, "--lora_dropout", 0, "--learning_rate", 1e-2],
+             "adapter_model.safetensors"),
+    "freeze": ("finetuning_freeze.py", ["--num_trainable_layers", 1, "--learning_rate", 1e-3], "model.safetensors"),
+}
+
+
+def train(model_dir, out, method, ranks, zero_stage):
+    script, options, _ = METHOD_ARGS[method]
+    # one rank with 4 rows per step, or two ranks with 2 each: the same global batch
+    launch(script, "--model_dir", model_dir, "--output_dir", out, "--prompt_text", "抽取：", "--max_len", 128,
+           "--max_src_len", 100, "--fp32", "--log_steps", 1, "--max_steps", STEPS, "--train_batch_size", 4 // ranks,
+           "--zero_stage", zero_stage, *options, ranks=ranks)
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        return [json.loads(line)["loss"] for line in f]
+
+
+@pytest.fixture(scope="module")
+def one_rank(tiny_model_dir, tmp_path_factory):
+    runs = {}
+    for method in METHOD_ARGS:
+        out = str(tmp_path_factory.mktemp(f"one-{method}"))
+        runs[method] = (out, train(tiny_model_dir, out, method, 1, 1))
+    return runs
+
+
+@pytest.mark.parametrize("method", list(METHOD_ARGS))
+@pytest.mark.parametrize("zero_stage", [1, 2, 3])
+def test_two_ranks_follow_the_one_rank_loss_curve(tiny_model_dir, one_rank, tmp_path, method, zero_stage):
+    out = str(tmp_path / "two")
+    losses = train(tiny_model_dir, out, method, 2, zero_stage)
+    reference_dir, reference = one_rank[method]
+    assert len(losses) == len(reference) == STEPS
+    assert losses == pytest.approx(reference, abs=1e-4)
+    # the trained weights are gathered into the one-rank format (also under ZeRO-3) and agree
+    weights = METHOD_ARGS[method][2]
+    ours = load_file(os.path.join(out, f"checkpoint-{STEPS}", weights))
+    theirs = load_file(os.path.join(reference_dir, f"checkpoint-{STEPS}", weights))
+    assert ours.keys() == theirs.keys()
+    for name in ours:
+        assert ours[name].shape == theirs[name].shape
+        assert torch.allclose(ours[name], theirs[name], atol=1e-4), name
+    if zero_stage == 3:
+        predict = "predict_lora.py" if method == "lora" else "predict_freeze.py"
+        launch(predict, "--model_dir", out, "--test_path", "data/spo_test.jsonl", "--device", "cpu",
+               "--max_new_tokens", 8, launcher=False)
+        assert os.path.isfile(os.path.join(out, f"checkpoint-{STEPS}", "metrics.json"))
