@@ -1,0 +1,47 @@
+"""Small parts of the training module that the launcher tests do not reach."""
+import argparse
+
+import pytest
+
+from training import check_finite, deepspeed_config, schedule_length
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_a_loss_that_is_not_finite_stops_the_run(value):
+    with pytest.raises(SystemExit, match=f"step 7: the loss is {value}; stopping without saving"):
+        check_finite(value, 7)
+
+
+def test_a_finite_loss_passes():
+    check_finite(0.5, 1)
+
+
+def args(**overrides):
+    base = dict(train_batch_size=2, gradient_accumulation_steps=3, max_grad_norm=1.0, zero_stage=2, precision="fp16",
+                offload=True, ds_config=None, num_train_epochs=2, max_steps=0, train_path="x.jsonl")
+    return argparse.Namespace(**{**base, **overrides})
+
+
+def test_deepspeed_config_is_built_from_the_arguments():
+    config = deepspeed_config(args(), world_size=4)
+    assert config["train_batch_size"] == 2 * 3 * 4
+    assert config["gradient_clipping"] == 1.0
+    assert config["zero_optimization"] == {"stage": 2, "offload_optimizer": {"device": "cpu", "pin_memory": True}}
+    assert config["fp16"]["enabled"] and config["fp16"]["loss_scale"] == 0 and "bf16" not in config
+
+
+def test_ds_config_file_overrides(tmp_path):
+    path = tmp_path / "ds.json"
+    path.write_text('{"gradient_clipping": 0.3}')
+    assert deepspeed_config(args(ds_config=str(path)), 1)["gradient_clipping"] == 0.3
+
+
+def test_epochs_end_on_an_optimizer_step():
+    class Sampler:
+        def __len__(self):
+            return 13
+    # 13 rows / batch 2 = 6 micro-batches, 3 per step: 2 steps an epoch, 4 in all
+    assert schedule_length(args(), Sampler()) == (6, 4)
+    assert schedule_length(args(max_steps=3), Sampler()) == (6, 3)
+    with pytest.raises(SystemExit, match="fewer rows than one global batch"):
+        schedule_length(args(train_batch_size=20), Sampler())
