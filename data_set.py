@@ -100,9 +100,12 @@ def read_rows(path, prompt_text="", skip_bad=False, log=print, allow_empty_answe
     return rows
 
 
-def encode_source(tokenizer, row, max_src_len):
+def encode_source(tokenizer, row, max_src_len, path="data"):
     """Prompt tokens + text tokens, the text cut so that both fit max_src_len. Returns (ids, was_truncated)."""
     prompt_ids = tokenizer.encode(row.prompt, add_special_tokens=False) if row.prompt else []
+    if len(prompt_ids) >= max_src_len:
+        raise DataError(f"{path}:{row.line}: the prompt alone is {len(prompt_ids)} tokens, leaving no room for the "
+                        f"text within --max_src_len {max_src_len}; raise --max_src_len or shorten the prompt")
     text_ids = tokenizer.encode(row.text, add_special_tokens=False) if row.text else []
     room = max(max_src_len - len(prompt_ids), 0)
     return prompt_ids + text_ids[:room], len(text_ids) > room
@@ -118,11 +121,7 @@ class Seq2SeqDataset(Dataset):
         max_answer_len = max_len - max_src_len - family.special_tokens
         self.examples, self.truncated = [], 0
         for row in self.rows:
-            prompt_len = len(tokenizer.encode(row.prompt, add_special_tokens=False)) if row.prompt else 0
-            if prompt_len >= max_src_len:
-                raise DataError(f"{path}:{row.line}: the prompt alone is {prompt_len} tokens, leaving no room for the "
-                                f"text within --max_src_len {max_src_len}; raise --max_src_len or shorten the prompt")
-            source_ids, cut = encode_source(tokenizer, row, max_src_len)
+            source_ids, cut = encode_source(tokenizer, row, max_src_len, path)
             answer_ids = tokenizer.encode(row.answers[0], add_special_tokens=False)
             cut = cut or len(answer_ids) > max_answer_len
             input_ids, labels = family.build_training_ids(tokenizer, source_ids, answer_ids[:max_answer_len])

@@ -162,7 +162,11 @@ def main(method, argv=None):
         model = method.load(args.ori_model_dir, checkpoint, args, family, dtype).to(device).eval()
     except (ModelFolderError, DataError) as err:
         raise SystemExit(f"error: {err}")
-    prompts = [family.build_prompt_ids(tokenizer, encode_source(tokenizer, row, args.max_src_len)[0]) for row in rows]
+    try:
+        prompts = [family.build_prompt_ids(tokenizer, encode_source(tokenizer, row, args.max_src_len, args.test_path)[0])
+                   for row in rows]
+    except DataError as err:
+        raise SystemExit(f"error: {err}")
     start = time.time()
     with tqdm(total=len(rows), desc="predict", unit="row") as bar:
         new_tokens = generate(model, tokenizer, prompts, args.max_new_tokens, args.batch_size, device,

@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import MODES, launch, memorise_args
+from conftest import MODES, launch
 from model_family import load_model
 
 # which parameters each mode may change (the prefix of the name, PEFT's wrapper prefix removed)
