@@ -87,7 +87,12 @@ def family_for(model_dir, mode=None):
         if mode not in FAMILIES:
             raise ModelFolderError(f"--mode {mode}: unknown model family; known: {', '.join(FAMILIES)}")
         return FAMILIES[mode]
-    model_type = read_config_json(model_dir).get("model_type")
+    config = read_config_json(model_dir)
+    model_type = config.get("model_type")
+    if model_type == "chatglm" and "padded_vocab_size" in config:  # ChatGLM2/3 share the model_type
+        raise ModelFolderError(f"{os.path.join(model_dir, 'config.json')}: a ChatGLM2/ChatGLM3 model; "
+                               "modeling_chatglm2.py computes it, but the fine-tuning and predict scripts serve "
+                               "ChatGLM-6B only so far")
     for family in FAMILIES.values():
         if family.model_type == model_type:
             return family

@@ -94,3 +94,10 @@ def test_missing_tokenizer_file(tiny_model_dir, tmp_path):
     os.remove(os.path.join(folder, "ice_text.model"))
     with pytest.raises(ModelFolderError, match="ice_text.model: tokenizer model missing"):
         load_tokenizer(folder)
+
+
+def test_a_chatglm2_folder_is_named_not_misread(tmp_path):
+    from conftest import FIXTURES
+    folder = copy_folder(os.path.join(FIXTURES, "chatglm2", "base"), tmp_path)
+    with pytest.raises(ModelFolderError, match="a ChatGLM2/ChatGLM3 model"):
+        family_for(folder)

@@ -1,0 +1,291 @@
+"""ChatGLM2-6B / ChatGLM3-6B for transformers 5: the same function as the official implementation, our own code.
+
+Pre-norm decoder with RMSNorm (computed in float32), SwiGLU feed-forward, multi-query attention with
+`multi_query_group_num` key/value groups, a fused qkv projection with bias, and rotary embedding on the first half
+of each head in interleaved pairs. Positions are plain token positions, counted per row from its first real token
+(so left-padded batches decode like single rows). Loads the official checkpoints by their parameter names
+(`transformer.embedding.word_embeddings`, `transformer.encoder.layers.N.self_attention.query_key_value`,
+`transformer.output_layer`, `transformer.prefix_encoder.*`, ...). P-Tuning v2 prefixes (`pre_seq_len`,
+`prefix_projection`) give per-layer keys/values for each group, as the official prefix encoder does.
+"""
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.attention import sdpa_kernel
+from transformers import GenerationMixin, PreTrainedModel
+from transformers.cache_utils import DynamicCache
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+
+from configuration_chatglm2 import ChatGLMConfig
+from modeling_chatglm import MASKED_SCORE, SDPA_BACKENDS, first_index
+
+ROPE_BASE = 10000.0
+
+
+def left_padding(attention_mask, batch, device):
+    if attention_mask is None:
+        return torch.zeros(batch, dtype=torch.long, device=device)
+    width = attention_mask.shape[1]
+    return first_index(attention_mask != 0, torch.full((batch,), width, device=device))
+
+
+def rotary_cos_sin(positions, head_dim, rope_ratio, dtype):
+    """cos, sin [batch, 1, seq, head_dim / 4]: one angle per pair of the rotated half of the head."""
+    rot_dim = head_dim // 2
+    base = ROPE_BASE * rope_ratio
+    theta = 1.0 / (base ** (torch.arange(0, rot_dim, 2, device=positions.device, dtype=torch.float) / rot_dim))
+    angles = positions.float()[:, None, :, None] * theta
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def apply_rotary(x, cos, sin):
+    """Rotate interleaved pairs (x0, x1) of the first 2 * pairs channels; the rest of the head passes through."""
+    rot = 2 * cos.shape[-1]
+    x0, x1 = x[..., :rot].unflatten(-1, (-1, 2)).unbind(-1)
+    rotated = torch.stack([x0 * cos - x1 * sin, x1 * cos + x0 * sin], dim=-1).flatten(-2)
+    return torch.cat([rotated, x[..., rot:]], dim=-1)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, size, eps):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size))
+        self.eps = eps
+
+    def forward(self, x):
+        variance = x.float().pow(2).mean(-1, keepdim=True)
+        return (self.weight * (x.float() * torch.rsqrt(variance + self.eps))).to(x.dtype)
+
+
+class PrefixEncoder(nn.Module):
+    """Per-layer prefix keys and values for every key/value group (P-Tuning v2), optionally through an MLP."""
+
+    def __init__(self, config):
+        super().__init__()
+        kv_size = config.num_layers * config.kv_channels * config.multi_query_group_num * 2
+        self.prefix_projection = config.prefix_projection
+        self.embedding = nn.Embedding(config.pre_seq_len, kv_size)
+        if self.prefix_projection:
+            self.trans = nn.Sequential(nn.Linear(kv_size, config.hidden_size), nn.Tanh(),
+                                       nn.Linear(config.hidden_size, kv_size))
+        for module in self.modules():  # the official code keeps PyTorch's default initialisation here
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                module.keeps_torch_default_init = True
+
+    def forward(self):
+        prefix = self.embedding.weight
+        return self.trans(prefix) if self.prefix_projection else prefix
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, config, layer_idx):
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        self.heads, self.groups, self.head_dim = config.num_attention_heads, config.multi_query_group_num, \
+            config.kv_channels
+        self.q_size, self.kv_size = self.heads * self.head_dim, self.groups * self.head_dim
+        self.query_key_value = nn.Linear(config.hidden_size, self.q_size + 2 * self.kv_size,
+                                         bias=config.add_bias_linear or config.add_qkv_bias)
+        self.dense = nn.Linear(self.q_size, config.hidden_size, bias=config.add_bias_linear)
+
+    def forward(self, x, cos, sin, mask, past_key_values=None, prefix_kv=None):
+        batch, seq, _ = x.shape
+        query, key, value = self.query_key_value(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        query = apply_rotary(query.view(batch, seq, self.heads, -1).transpose(1, 2), cos, sin)
+        key = apply_rotary(key.view(batch, seq, self.groups, -1).transpose(1, 2), cos, sin)
+        value = value.view(batch, seq, self.groups, -1).transpose(1, 2)
+        if prefix_kv is not None:
+            key, value = torch.cat([prefix_kv[0], key], dim=2), torch.cat([prefix_kv[1], value], dim=2)
+        if past_key_values is not None:
+            key, value = past_key_values.update(key, value, self.layer_idx)
+        # each group of keys/values serves heads / groups consecutive query heads
+        key = key.repeat_interleave(self.heads // self.groups, dim=1)
+        value = value.repeat_interleave(self.heads // self.groups, dim=1)
+        context = self.attend(query, key, value, mask)
+        return self.dense(context.transpose(1, 2).reshape(batch, seq, -1))
+
+    def attend(self, query, key, value, mask):
+        scale = 1.0 / math.sqrt(self.head_dim)
+        causal = mask is None and query.shape[2] == key.shape[2]
+        if self.config._attn_implementation != "eager":
+            with sdpa_kernel(SDPA_BACKENDS):
+                return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, is_causal=causal,
+                                                      scale=scale)
+        scores = torch.matmul(query, key.transpose(-1, -2)) * scale
+        if causal:
+            mask = torch.ones(query.shape[2], key.shape[2], dtype=torch.bool, device=query.device).tril()
+        if mask is not None:
+            scores = scores.masked_fill(~mask, MASKED_SCORE)
+        return torch.matmul(F.softmax(scores.float(), dim=-1).to(value.dtype), value)
+
+
+class MLP(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.dense_h_to_4h = nn.Linear(config.hidden_size, 2 * config.ffn_hidden_size, bias=config.add_bias_linear)
+        self.dense_4h_to_h = nn.Linear(config.ffn_hidden_size, config.hidden_size, bias=config.add_bias_linear)
+
+    def forward(self, x):
+        gate, up = self.dense_h_to_4h(x).chunk(2, dim=-1)
+        return self.dense_4h_to_h(F.silu(gate) * up)
+
+
+class GLMBlock(GradientCheckpointingLayer):
+    def __init__(self, config, layer_idx):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.layernorm_epsilon)
+        self.self_attention = SelfAttention(config, layer_idx)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.layernorm_epsilon)
+        self.mlp = MLP(config)
+
+    def forward(self, hidden, cos, sin, mask, past_key_values=None, prefix_kv=None):
+        hidden = hidden + self.self_attention(self.input_layernorm(hidden), cos, sin, mask, past_key_values,
+                                              prefix_kv)
+        return hidden + self.mlp(self.post_attention_layernorm(hidden))
+
+
+class ChatGLMPreTrainedModel(PreTrainedModel):
+    config_class = ChatGLMConfig
+    base_model_prefix = "transformer"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["GLMBlock"]
+    _supports_sdpa = True
+    _keys_to_ignore_on_load_unexpected = [r"rotary_pos_emb\.inv_freq"]  # recomputed
+
+    @torch.no_grad()
+    def _init_weights(self, module):
+        if getattr(module, "keeps_torch_default_init", False):
+            module.reset_parameters()
+        elif isinstance(module, (nn.Linear, nn.Embedding)):
+            module.weight.normal_(0.0, 0.02)
+            if getattr(module, "bias", None) is not None:
+                module.bias.zero_()
+        elif isinstance(module, RMSNorm):
+            module.weight.fill_(1.0)
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None):
+        kwargs = {"use_reentrant": False, **(gradient_checkpointing_kwargs or {})}
+        super().gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+class Embedding(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.word_embeddings = nn.Embedding(config.padded_vocab_size, config.hidden_size)
+
+    def forward(self, input_ids):
+        return self.word_embeddings(input_ids)
+
+
+class GLMTransformer(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.layers = nn.ModuleList([GLMBlock(config, i) for i in range(config.num_layers)])
+        self.final_layernorm = RMSNorm(config.hidden_size, config.layernorm_epsilon)
+
+
+class ChatGLMModel(ChatGLMPreTrainedModel):
+    def __init__(self, config):
+        super().__init__(config)
+        if config.pre_seq_len and config.prompt_embedding_only:
+            raise ValueError("prompt_embedding_only is not implemented for ChatGLM2/3 yet; use P-Tuning v2")
+        self.embedding = Embedding(config)
+        self.encoder = GLMTransformer(config)
+        self.output_layer = nn.Linear(config.hidden_size, config.padded_vocab_size, bias=False)
+        self.prefix_encoder = PrefixEncoder(config) if config.pre_seq_len else None
+        self.prefix_dropout = nn.Dropout(config.prefix_dropout)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.embedding.word_embeddings
+
+    def set_input_embeddings(self, value):
+        self.embedding.word_embeddings = value
+
+    @property
+    def num_prefix_keys(self):
+        return self.config.pre_seq_len or 0
+
+    def prefix_key_values(self, batch, dtype):
+        cfg = self.config
+        prefix = self.prefix_encoder().to(dtype).view(cfg.pre_seq_len, cfg.num_layers * 2, cfg.multi_query_group_num,
+                                                      cfg.kv_channels)
+        prefix = self.prefix_dropout(prefix[None].expand(batch, -1, -1, -1, -1)).permute(2, 0, 3, 1, 4)
+        return [(prefix[2 * i], prefix[2 * i + 1]) for i in range(cfg.num_layers)]
+
+    def cached_tokens(self, past_key_values):
+        if past_key_values is None or past_key_values.get_seq_length() == 0:
+            return 0
+        return past_key_values.get_seq_length() - self.num_prefix_keys
+
+    def forward(self, input_ids=None, position_ids=None, attention_mask=None, past_key_values=None,
+                inputs_embeds=None, use_cache=None, **kwargs):
+        batch, seq = input_ids.shape
+        device = input_ids.device
+        if use_cache and past_key_values is None:
+            past_key_values = DynamicCache(config=self.config)
+        past = self.cached_tokens(past_key_values)
+        first_call = past_key_values is None or past_key_values.get_seq_length() == 0
+        hidden = self.embedding(input_ids) if inputs_embeds is None else inputs_embeds
+        pad = left_padding(attention_mask, batch, device)
+        if position_ids is None:
+            position_ids = (torch.arange(past, past + seq, device=device)[None] - pad[:, None]).clamp(min=0)
+        cos, sin = rotary_cos_sin(position_ids, self.config.kv_channels, self.config.rope_ratio, hidden.dtype)
+        mask = self.build_attention_mask(attention_mask, batch, seq, past, first_call, device)
+        prefix_kv = self.prefix_key_values(batch, hidden.dtype) if first_call and self.num_prefix_keys else None
+        for i, layer in enumerate(self.encoder.layers):
+            hidden = layer(hidden, cos, sin, mask, past_key_values, None if prefix_kv is None else prefix_kv[i])
+        hidden = self.encoder.final_layernorm(hidden)
+        return BaseModelOutputWithPast(last_hidden_state=hidden, past_key_values=past_key_values)
+
+    def build_attention_mask(self, attention_mask, batch, seq, past, first_call, device):
+        """Bool [batch, 1, seq, keys] (True = may attend), or None when plain causal attention is exact."""
+        padded = attention_mask is not None and not bool(attention_mask.all())
+        if not padded and not self.num_prefix_keys and past == 0:
+            return None
+        tokens = past + seq
+        key_valid = torch.ones(batch, tokens, dtype=torch.bool, device=device) if attention_mask is None else \
+            attention_mask[:, -tokens:].bool()
+        key_valid = torch.cat([key_valid.new_ones(batch, self.num_prefix_keys), key_valid], dim=1)
+        q_idx = torch.arange(seq, device=device)[:, None] + past + self.num_prefix_keys
+        k_idx = torch.arange(key_valid.shape[1], device=device)[None, :]
+        return ((k_idx <= q_idx)[None] & key_valid[:, None, :])[:, None]
+
+
+class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin):
+    def __init__(self, config):
+        super().__init__(config)
+        self.transformer = ChatGLMModel(config)
+        self.post_init()
+
+    def get_output_embeddings(self):
+        return self.transformer.output_layer
+
+    def set_output_embeddings(self, value):
+        self.transformer.output_layer = value
+
+    def forward(self, input_ids=None, position_ids=None, attention_mask=None, past_key_values=None,
+                inputs_embeds=None, labels=None, use_cache=None, loss_only=False, **kwargs):
+        """`loss_only=True` (training) projects only the positions that have a label: the same loss, no full logits."""
+        out = self.transformer(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask,
+                               past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache)
+        hidden, head = out.last_hidden_state, self.transformer.output_layer
+        if labels is not None and loss_only:
+            keep = labels[:, 1:] != -100
+            loss = F.cross_entropy(head(hidden[:, :-1][keep]).float(), labels[:, 1:][keep])
+            return CausalLMOutputWithPast(loss=loss, logits=None, past_key_values=out.past_key_values)
+        logits = head(hidden)
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
+                                   ignore_index=-100)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=out.past_key_values)
+
+    def prepare_inputs_for_generation(self, input_ids, past_key_values=None, attention_mask=None, **kwargs):
+        done = self.transformer.cached_tokens(past_key_values)
+        return {"input_ids": input_ids[:, done:], "attention_mask": attention_mask,
+                "past_key_values": past_key_values, "use_cache": kwargs.get("use_cache", True)}
