@@ -42,17 +42,20 @@ def load_sentencepiece(path: str) -> spm.SentencePieceProcessor:
     return processor
 
 
-def train_sentencepiece_model(texts, output_path, vocab_size=3000):
-    """Train a SentencePiece model on `texts` with ChatGLM-6B's special and layout pieces; writes `output_path`.
+def train_sentencepiece_model(texts, output_path, vocab_size=3000, chatglm6b_pieces=True):
+    """Train a SentencePiece model on `texts`; writes `output_path`. With `chatglm6b_pieces`, ChatGLM-6B's special
+    and layout pieces are in the vocabulary and the text is laid out as its tokenizer does (ChatGLM2/3 append their
+    special tokens after the SentencePiece vocabulary instead).
 
     Identity normalisation and byte fallback keep text -> ids -> text lossless for any input.
     """
     import io
-    sentences = [encode_layout(t) for t in texts if t.strip()]
+    sentences = [encode_layout(t) if chatglm6b_pieces else t for t in texts if t.strip()]
     model = io.BytesIO()
     spm.SentencePieceTrainer.Train(
         sentence_iterator=iter(sentences), model_writer=model, vocab_size=vocab_size, model_type="unigram",
-        user_defined_symbols=LAYOUT_PIECES + SPECIAL_PIECES, normalization_rule_name="identity",
+        user_defined_symbols=LAYOUT_PIECES + SPECIAL_PIECES if chatglm6b_pieces else [],
+        normalization_rule_name="identity",
         byte_fallback=True, split_digits=True, remove_extra_whitespaces=False, character_coverage=0.9995,
         unk_id=0, bos_id=1, eos_id=2, pad_id=3, pad_piece="<pad>", max_sentence_length=1 << 16,
         hard_vocab_limit=False, num_threads=2, minloglevel=2,
