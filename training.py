@@ -282,6 +282,7 @@ def save_checkpoint(engine, method, args, tokenizer, progress, rank):
     torch.save({"python": random.getstate(), "torch": torch.get_rng_state(),
                 "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None},
                os.path.join(tmp, f"rng_state_{rank}.pt"))
+    torch.distributed.barrier()  # every rank has written into tmp before rank 0 renames it
     state = trained_state_dict(engine)
     if rank == 0:
         method.save(engine.module, state, tmp, args)
