@@ -115,6 +115,23 @@ def rotate_halves(x):
 # Layers
 # ----------------------------------------------------------------------------------------------------------------
 
+def keep_torch_default_init(module):
+    """Mark the linear and embedding layers of `module` to keep PyTorch's default initialisation, as the official
+    prefix encoders did (embedding N(0, 1)); `_init_weights` honours the mark."""
+    for child in module.modules():
+        if isinstance(child, (nn.Linear, nn.Embedding)):
+            child.keeps_torch_default_init = True
+
+
+class NonReentrantCheckpointing:
+    """Mixin for a PreTrainedModel: gradient checkpointing that keeps gradients flowing when the embeddings are
+    frozen (LoRA, prefix tuning), which the reentrant variant does not."""
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None):
+        kwargs = {"use_reentrant": False, **(gradient_checkpointing_kwargs or {})}
+        super().gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
 class PrefixEncoder(nn.Module):
     """Trainable prompt: per-layer keys/values (P-Tuning v2) or soft input embeddings (embedding only)."""
 
@@ -134,10 +151,7 @@ class PrefixEncoder(nn.Module):
             )
         else:
             self.embedding = nn.Embedding(config.pre_seq_len, out_dim)
-        # the official code left these at PyTorch's default initialisation (embedding N(0, 1)); so do we
-        for module in self.modules():
-            if isinstance(module, (nn.Linear, nn.Embedding)):
-                module.keeps_torch_default_init = True
+        keep_torch_default_init(self)
 
     def forward(self):
         prefix = self.embedding.weight  # the official code looks up arange(pre_seq_len): the whole table
@@ -216,7 +230,7 @@ class GLMBlock(GradientCheckpointingLayer):
 # Models
 # ----------------------------------------------------------------------------------------------------------------
 
-class ChatGLMPreTrainedModel(PreTrainedModel):
+class ChatGLMPreTrainedModel(NonReentrantCheckpointing, PreTrainedModel):
     config_class = ChatGLMConfig
     base_model_prefix = "transformer"
     supports_gradient_checkpointing = True
@@ -239,11 +253,6 @@ class ChatGLMPreTrainedModel(PreTrainedModel):
         elif isinstance(module, nn.LayerNorm):
             module.weight.fill_(1.0)
             module.bias.zero_()
-
-    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None):
-        # non-reentrant checkpointing keeps gradients flowing when the embeddings are frozen (LoRA, prefix tuning)
-        kwargs = {"use_reentrant": False, **(gradient_checkpointing_kwargs or {})}
-        super().gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
 class ChatGLMModel(ChatGLMPreTrainedModel):

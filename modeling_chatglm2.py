@@ -20,7 +20,8 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
 from configuration_chatglm2 import ChatGLMConfig
-from modeling_chatglm import MASKED_SCORE, SDPA_BACKENDS, first_index
+from modeling_chatglm import (MASKED_SCORE, SDPA_BACKENDS, NonReentrantCheckpointing, first_index,
+                              keep_torch_default_init)
 
 ROPE_BASE = 10000.0
 
@@ -71,9 +72,7 @@ class PrefixEncoder(nn.Module):
         if self.prefix_projection:
             self.trans = nn.Sequential(nn.Linear(kv_size, config.hidden_size), nn.Tanh(),
                                        nn.Linear(config.hidden_size, kv_size))
-        for module in self.modules():  # the official code keeps PyTorch's default initialisation here
-            if isinstance(module, (nn.Linear, nn.Embedding)):
-                module.keeps_torch_default_init = True
+        keep_torch_default_init(self)
 
     def forward(self):
         prefix = self.embedding.weight
@@ -148,7 +147,7 @@ class GLMBlock(GradientCheckpointingLayer):
         return hidden + self.mlp(self.post_attention_layernorm(hidden))
 
 
-class ChatGLMPreTrainedModel(PreTrainedModel):
+class ChatGLMPreTrainedModel(NonReentrantCheckpointing, PreTrainedModel):
     config_class = ChatGLMConfig
     base_model_prefix = "transformer"
     supports_gradient_checkpointing = True
@@ -166,10 +165,6 @@ class ChatGLMPreTrainedModel(PreTrainedModel):
                 module.bias.zero_()
         elif isinstance(module, RMSNorm):
             module.weight.fill_(1.0)
-
-    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None):
-        kwargs = {"use_reentrant": False, **(gradient_checkpointing_kwargs or {})}
-        super().gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
 class Embedding(nn.Module):
