@@ -3,11 +3,15 @@
 Rows come from a JSONL file (one object per line) or a JSON file holding one array of objects, in either form:
 - `{"text": ..., "answer": ...}`: the source is `--prompt_text` followed by the text (the reference layout);
 - `{"instruction": ..., "input": ..., "output": ...}`: the row's instruction is the prompt; `output` may be a list
-  of references (test sets); training uses the first.
+  of references (test sets); training uses the first;
+- `{"conversations": [{"role": "system"|"user"|"assistant"|"observation", "content": ...}, ...]}`: a multi-turn
+  chat (ChatGLM3). Training learns every assistant turn; prediction continues the turns before the last
+  assistant turn, which is the reference. `--prompt_text` does not apply (a system turn can hold one).
 
-The token layout is the model family's (ChatGLM-6B: `prompt+text [gMASK] <sop> answer <eop>`). As in the reference,
-the text is cut so that prompt + text fit `max_src_len`, the answer to `max_len - max_src_len - 3`, and labels
-are -100 on the context. Batches are padded to their own longest row only.
+The token layout is the model family's (ChatGLM-6B: `prompt+text [gMASK] <sop> answer <eop>`; ChatGLM2:
+`[gMASK] sop prompt+text answer eos`; ChatGLM3: its chat layout, see model_family.py). As in the reference, the
+text is cut so that prompt + text fit `max_src_len` and the answer fits what is left of `max_len`; a conversation
+is cut at `max_len`. Labels are -100 on the context. Batches are padded to their own longest row only.
 """
 import json
 import random
@@ -28,6 +32,28 @@ class Row:
     answers: list  # one or more reference answers
     line: int  # 1-based line (JSONL) or element index + 1 (JSON array)
     raw: dict = field(repr=False, default=None)
+    turns: list = None  # conversation rows: [(role, content), ...]; None for single-turn rows
+
+
+CHAT_ROLES = ("system", "user", "assistant", "observation")
+
+
+def parse_conversation(turns, allow_empty_answer):
+    """[(role, content)] of a `conversations` list, or raise ValueError saying what is wrong."""
+    if not isinstance(turns, list) or not turns:
+        raise ValueError("'conversations' must be a non-empty list of {\"role\", \"content\"} objects")
+    parsed = []
+    for i, turn in enumerate(turns, start=1):
+        if not isinstance(turn, dict) or not isinstance(turn.get("content"), str) or turn.get("role") not in CHAT_ROLES:
+            raise ValueError(f"conversation turn {i}: expected {{\"role\": one of {', '.join(CHAT_ROLES)}, "
+                             f"\"content\": a string}}, got {json.dumps(turn, ensure_ascii=False)[:80]}")
+        parsed.append((turn["role"], turn["content"]))
+    answers = [content for role, content in parsed if role == "assistant"]
+    if not answers:
+        raise ValueError("conversation without an assistant turn (nothing to learn or to predict)")
+    if not (allow_empty_answer or any(a.strip() for a in answers)):
+        raise ValueError("empty answer")
+    return parsed
 
 
 def parse_row(obj, prompt_text, allow_empty_answer=False):
@@ -52,6 +78,16 @@ def parse_row(obj, prompt_text, allow_empty_answer=False):
     if not answers or not (allow_empty_answer or any(a.strip() for a in answers)):
         raise ValueError("empty answer")
     return prompt, text, answers
+
+
+def make_row(obj, line, prompt_text, allow_empty_answer):
+    if isinstance(obj, dict) and "conversations" in obj:
+        turns = parse_conversation(obj["conversations"], allow_empty_answer)
+        last = max(i for i, (role, _) in enumerate(turns) if role == "assistant")
+        asked = [content for role, content in turns[:last] if role == "user"]
+        return Row("", asked[-1] if asked else "", [turns[last][1]], line, obj, turns)
+    prompt, text, answers = parse_row(obj, prompt_text, allow_empty_answer)
+    return Row(prompt, text, answers, line, obj)
 
 
 def read_rows(path, prompt_text="", skip_bad=False, log=print, allow_empty_answer=False):
@@ -84,15 +120,13 @@ def read_rows(path, prompt_text="", skip_bad=False, log=print, allow_empty_answe
     for number, obj, error in items:
         if error is None:
             try:
-                prompt, text, answers = parse_row(obj, prompt_text, allow_empty_answer)
+                rows.append(make_row(obj, number, prompt_text, allow_empty_answer))
             except ValueError as err:
                 error = str(err)
         if error is not None:
             if not skip_bad:
                 raise DataError(f"{path}:{number}: {error} (use --skip_bad_rows to skip such rows)")
             skipped += 1
-            continue
-        rows.append(Row(prompt, text, answers, number, obj))
     if skipped:
         log(f"{path}: skipped {skipped} bad row(s)")
     if not rows:
@@ -111,22 +145,76 @@ def encode_source(tokenizer, row, max_src_len, path="data"):
     return prompt_ids + text_ids[:room], len(text_ids) > room
 
 
+def encode_turns(tokenizer, turns):
+    return [(role, tokenizer.encode(content, add_special_tokens=False) if content else []) for role, content in turns]
+
+
+def chat_family_or_error(family, row, path):
+    if family.build_conversation_ids is None:
+        raise DataError(f"{path}:{row.line}: a conversation row needs a chat model (ChatGLM3); the {family.name} "
+                        "family has no chat layout; use text/answer or instruction/output rows")
+
+
+def encode_training_row(tokenizer, family, row, max_len, max_src_len, path="data"):
+    """(input_ids, labels, was_truncated) of one training row in the family's layout."""
+    if row.turns is not None:
+        chat_family_or_error(family, row, path)
+        input_ids, labels = family.build_conversation_ids(tokenizer, encode_turns(tokenizer, row.turns))
+        if all(label == -100 for label in labels[:max_len]):
+            raise DataError(f"{path}:{row.line}: no assistant token within --max_len {max_len}; raise --max_len or "
+                            "shorten the turns before the first answer")
+        return input_ids[:max_len], labels[:max_len], len(input_ids) > max_len
+    source_ids, cut = encode_source(tokenizer, row, max_src_len, path)
+    max_answer_len = max_len - max_src_len - family.layout_overhead(tokenizer)
+    answer_ids = tokenizer.encode(row.answers[0], add_special_tokens=False)
+    input_ids, labels = family.build_training_ids(tokenizer, source_ids, answer_ids[:max_answer_len])
+    return input_ids, labels, cut or len(answer_ids) > max_answer_len
+
+
+def encode_prompt(tokenizer, family, row, max_src_len, path="data"):
+    """The token ids generation continues: the source in the family's layout, or a conversation up to the last
+    assistant turn. A conversation too long for `max_src_len` loses its oldest turns (a first system turn stays),
+    then the last turn is cut short."""
+    if row.turns is None:
+        return family.build_prompt_ids(tokenizer, encode_source(tokenizer, row, max_src_len, path)[0])
+    chat_family_or_error(family, row, path)
+    last = max(i for i, (role, _) in enumerate(row.turns) if role == "assistant")
+    turns = encode_turns(tokenizer, row.turns[:last])
+    kept = 1 if turns and turns[0][0] == "system" else 0
+    prompt = family.build_conversation_prompt(tokenizer, turns)
+    while len(prompt) > max_src_len and len(turns) > kept + 1:
+        del turns[kept]
+        prompt = family.build_conversation_prompt(tokenizer, turns)
+    if len(prompt) > max_src_len and turns:
+        role, content = turns[-1]
+        turns[-1] = (role, content[:max(len(content) - (len(prompt) - max_src_len), 0)])
+        prompt = family.build_conversation_prompt(tokenizer, turns)
+    return prompt
+
+
 class Seq2SeqDataset(Dataset):
     """Tokenised training rows: each item is {"input_ids", "labels"} as lists of ints."""
 
     def __init__(self, path, tokenizer, family, max_len, max_src_len, prompt_text="", skip_bad=False, log=print):
-        if max_src_len >= max_len - family.special_tokens:
+        if max_src_len >= max_len - family.layout_overhead(tokenizer):
             raise ValueError(f"--max_src_len {max_src_len} leaves no room for the answer within --max_len {max_len}")
         self.rows = read_rows(path, prompt_text, skip_bad, log)
-        max_answer_len = max_len - max_src_len - family.special_tokens
         self.examples, self.truncated = [], 0
+        skipped = 0
         for row in self.rows:
-            source_ids, cut = encode_source(tokenizer, row, max_src_len, path)
-            answer_ids = tokenizer.encode(row.answers[0], add_special_tokens=False)
-            cut = cut or len(answer_ids) > max_answer_len
-            input_ids, labels = family.build_training_ids(tokenizer, source_ids, answer_ids[:max_answer_len])
+            try:
+                input_ids, labels, cut = encode_training_row(tokenizer, family, row, max_len, max_src_len, path)
+            except DataError:
+                if not skip_bad:
+                    raise
+                skipped += 1
+                continue
             self.examples.append({"input_ids": input_ids, "labels": labels})
             self.truncated += cut
+        if skipped:
+            log(f"{path}: skipped {skipped} row(s) that do not fit the layout")
+        if not self.examples:
+            raise DataError(f"{path}: no usable rows")
         log(f"{path}: {len(self.examples)} rows, {self.truncated} truncated to max_src_len {max_src_len} / "
             f"max_len {max_len}; longest {max(self.lengths)} tokens")
 

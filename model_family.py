@@ -2,21 +2,25 @@
 
 A family names its model, config and tokenizer classes, the files of its folder, how a training row and a
 generation prompt are laid out in tokens, and the parameter names that the fine-tuning methods touch. The
-scripts ask `family_for(model_dir)` and never look at a model's internals themselves. Adding a family (ChatGLM2,
-ChatGLM3, ...) means adding one `ModelFamily` below.
+scripts ask `family_for(model_dir)` and never look at a model's internals themselves. Families served: ChatGLM-6B,
+ChatGLM2-6B, ChatGLM3-6B. Adding one means writing its layout functions and one `ModelFamily` entry in FAMILIES
+(its `recognise` says which folders are its own).
 
 Loading checks the folder first and fails with one line that names the path and what is wrong.
 """
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 
 from configuration_chatglm import ChatGLMConfig
+from configuration_chatglm2 import ChatGLMConfig as ChatGLM2Config
 from modeling_chatglm import ChatGLMForConditionalGeneration
+from modeling_chatglm2 import ChatGLMForConditionalGeneration as ChatGLM2ForConditionalGeneration
 from tokenization_chatglm import ChatGLMTokenizer
+from tokenization_chatglm2 import ChatGLMTokenizer as ChatGLM2Tokenizer
 
 
 class ModelFolderError(ValueError):
@@ -26,7 +30,7 @@ class ModelFolderError(ValueError):
 @dataclass(frozen=True)
 class ModelFamily:
     name: str
-    model_type: str  # the `model_type` of its config.json
+    recognise: Callable  # (config.json as a dict, model folder) -> True when the folder holds this family
     config_class: type
     model_class: type
     tokenizer_class: type
@@ -36,14 +40,25 @@ class ModelFamily:
     lora_target: str  # default LoRA target modules
     build_training_ids: Callable  # (tokenizer, source_ids, answer_ids) -> (input_ids, labels)
     build_prompt_ids: Callable  # (tokenizer, source_ids) -> input_ids that generation continues
-    special_tokens: int  # tokens the layout adds around source and answer (for length budgets)
+    # chat families only: (tokenizer, [(role, content_ids), ...]) -> (input_ids, labels) / prompt input_ids
+    build_conversation_ids: Callable = None
+    build_conversation_prompt: Callable = None
+    tokenizer_kwargs: dict = field(default_factory=dict)
+    stop_tokens: tuple = ()  # names of tokens that end an answer besides the eos token
+    answer_text: Callable = str.strip  # generated text -> the answer
 
     def num_layers(self, config):
         return config.num_layers
 
-    def stop_token_ids(self, tokenizer):
-        return [tokenizer.eos_token_id]
+    def layout_overhead(self, tokenizer):
+        """Tokens the layout adds around a source and an answer (for length budgets)."""
+        return len(self.build_training_ids(tokenizer, [], [])[0])
 
+    def stop_token_ids(self, tokenizer):
+        return [tokenizer.eos_token_id] + [tokenizer.convert_tokens_to_ids(t) for t in self.stop_tokens]
+
+
+# ---- ChatGLM-6B: `prompt+text [gMASK] <sop> answer <eop>` ----------------------------------------------------------
 
 def chatglm6b_training_ids(tokenizer, source_ids, answer_ids):
     """`source [gMASK] <sop> answer <eop>`; labels -100 on the context, from <sop> on the tokens themselves."""
@@ -57,15 +72,116 @@ def chatglm6b_prompt_ids(tokenizer, source_ids):
     return list(source_ids) + [tokenizer.gmask_token_id, tokenizer.bos_token_id]
 
 
+def is_chatglm6b(config, model_dir):
+    return config.get("model_type") == "chatglm" and "padded_vocab_size" not in config
+
+
 CHATGLM6B = ModelFamily(
-    name="chatglm", model_type="chatglm", config_class=ChatGLMConfig,
+    name="chatglm", recognise=is_chatglm6b, config_class=ChatGLMConfig,
     model_class=ChatGLMForConditionalGeneration, tokenizer_class=ChatGLMTokenizer, tokenizer_file="ice_text.model",
     layers_prefix="transformer.layers.{}.", prompt_prefix="transformer.prefix_encoder.",
     lora_target="query_key_value", build_training_ids=chatglm6b_training_ids,
-    build_prompt_ids=chatglm6b_prompt_ids, special_tokens=3,
+    build_prompt_ids=chatglm6b_prompt_ids,
 )
 
-FAMILIES = {f.name: f for f in [CHATGLM6B]}
+
+# ---- ChatGLM2-6B: `[gMASK] sop prompt+text answer eos` ------------------------------------------------------------
+
+def glm2_prefix(tokenizer):
+    return [tokenizer.get_command("[gMASK]"), tokenizer.get_command("sop")]
+
+
+def chatglm2_training_ids(tokenizer, source_ids, answer_ids):
+    """`[gMASK] sop source answer eos`; labels -100 on `[gMASK] sop source`, then the answer and eos."""
+    context = glm2_prefix(tokenizer) + list(source_ids)
+    input_ids = context + list(answer_ids) + [tokenizer.eos_token_id]
+    return input_ids, [-100] * len(context) + input_ids[len(context):]
+
+
+def chatglm2_prompt_ids(tokenizer, source_ids):
+    return glm2_prefix(tokenizer) + list(source_ids)
+
+
+def has_chatglm3_signs(config, model_dir):
+    """ChatGLM3 shares ChatGLM2's config; its tokenizer files name the role tokens (or its name says so)."""
+    if "chatglm3" in str(config.get("_name_or_path", "")).lower():
+        return True
+    for name in ("tokenizer_config.json", "tokenization_chatglm.py"):
+        path = os.path.join(model_dir, name)
+        if os.path.isfile(path):
+            with open(path, encoding="utf-8") as f:
+                text = f.read()
+            if "<|assistant|>" in text or "<|observation|>" in text or '"role_tokens": true' in text:
+                return True
+    return False
+
+
+def is_chatglm2(config, model_dir):
+    return config.get("model_type") == "chatglm" and "padded_vocab_size" in config and \
+        not has_chatglm3_signs(config, model_dir)
+
+
+CHATGLM2 = ModelFamily(
+    name="chatglm2", recognise=is_chatglm2, config_class=ChatGLM2Config, model_class=ChatGLM2ForConditionalGeneration,
+    tokenizer_class=ChatGLM2Tokenizer, tokenizer_file="tokenizer.model", tokenizer_kwargs={"role_tokens": False},
+    layers_prefix="transformer.encoder.layers.{}.", prompt_prefix="transformer.prefix_encoder.",
+    lora_target="query_key_value", build_training_ids=chatglm2_training_ids, build_prompt_ids=chatglm2_prompt_ids,
+)
+
+
+# ---- ChatGLM3-6B: the chat layout `[gMASK] sop <|user|>\n prompt+text <|assistant|>\n answer eos` ----------------
+
+def chatglm3_conversation_ids(tokenizer, turns):
+    """`[gMASK] sop` and each turn as `<|role|>\n content`, then eos. As in the official fine-tuning, a token is
+    learned when the token before it belongs to an assistant turn: the assistant's metadata line and content, and
+    whatever follows it (the next role token, or eos)."""
+    input_ids, after_assistant = glm2_prefix(tokenizer), [False, False]
+    for role, content_ids in turns:
+        turn = tokenizer.role_header_ids(role) + list(content_ids)
+        input_ids += turn
+        after_assistant += [role == "assistant"] * len(turn)
+    input_ids.append(tokenizer.eos_token_id)
+    labels = [-100] + [t if learned else -100 for t, learned in zip(input_ids[1:], after_assistant)]
+    return input_ids, labels
+
+
+def chatglm3_conversation_prompt(tokenizer, turns):
+    """The turns so far, then `<|assistant|>`: generation writes the metadata line and the answer."""
+    input_ids = glm2_prefix(tokenizer)
+    for role, content_ids in turns:
+        input_ids += tokenizer.role_header_ids(role) + list(content_ids)
+    return input_ids + [tokenizer.get_command("<|assistant|>")]
+
+
+def chatglm3_training_ids(tokenizer, source_ids, answer_ids):
+    return chatglm3_conversation_ids(tokenizer, [("user", source_ids), ("assistant", answer_ids)])
+
+
+def chatglm3_prompt_ids(tokenizer, source_ids):
+    return chatglm3_conversation_prompt(tokenizer, [("user", source_ids)])
+
+
+def chatglm3_answer_text(text):
+    """Drop the (empty) metadata line the assistant turn starts with, as the official chat does."""
+    metadata, newline, content = text.partition("\n")
+    return content.strip() if newline and not metadata.strip() else text.strip()
+
+
+def is_chatglm3(config, model_dir):
+    return config.get("model_type") == "chatglm" and "padded_vocab_size" in config and \
+        has_chatglm3_signs(config, model_dir)
+
+
+CHATGLM3 = ModelFamily(
+    name="chatglm3", recognise=is_chatglm3, config_class=ChatGLM2Config, model_class=ChatGLM2ForConditionalGeneration,
+    tokenizer_class=ChatGLM2Tokenizer, tokenizer_file="tokenizer.model", tokenizer_kwargs={"role_tokens": True},
+    layers_prefix="transformer.encoder.layers.{}.", prompt_prefix="transformer.prefix_encoder.",
+    lora_target="query_key_value", build_training_ids=chatglm3_training_ids, build_prompt_ids=chatglm3_prompt_ids,
+    build_conversation_ids=chatglm3_conversation_ids, build_conversation_prompt=chatglm3_conversation_prompt,
+    stop_tokens=("<|user|>", "<|observation|>"), answer_text=chatglm3_answer_text,
+)
+
+FAMILIES = {f.name: f for f in [CHATGLM6B, CHATGLM2, CHATGLM3]}
 
 
 def read_config_json(model_dir):
@@ -82,22 +198,17 @@ def read_config_json(model_dir):
 
 
 def family_for(model_dir, mode=None):
-    """The family of a model folder, read from its config.json (or forced by `mode`)."""
+    """The family of a model folder, read from its config.json and tokenizer files (or forced by `mode`)."""
     if mode:
         if mode not in FAMILIES:
             raise ModelFolderError(f"--mode {mode}: unknown model family; known: {', '.join(FAMILIES)}")
         return FAMILIES[mode]
     config = read_config_json(model_dir)
-    model_type = config.get("model_type")
-    if model_type == "chatglm" and "padded_vocab_size" in config:  # ChatGLM2/3 share the model_type
-        raise ModelFolderError(f"{os.path.join(model_dir, 'config.json')}: a ChatGLM2/ChatGLM3 model; "
-                               "modeling_chatglm2.py computes it, but the fine-tuning and predict scripts serve "
-                               "ChatGLM-6B only so far")
     for family in FAMILIES.values():
-        if family.model_type == model_type:
+        if family.recognise(config, model_dir):
             return family
-    raise ModelFolderError(f"{os.path.join(model_dir, 'config.json')}: model_type {model_type!r} is not a model "
-                           f"this suite serves (expected one of: {', '.join(f.model_type for f in FAMILIES.values())})")
+    raise ModelFolderError(f"{os.path.join(model_dir, 'config.json')}: model_type {config.get('model_type')!r} is not "
+                           f"a model this suite serves (it serves {', '.join(FAMILIES)}; --mode forces one)")
 
 
 def check_weight_files(model_dir):
@@ -122,7 +233,7 @@ def load_tokenizer(model_dir, family=None):
     if not os.path.isfile(path):
         raise ModelFolderError(f"{path}: tokenizer model missing")
     try:
-        return family.tokenizer_class.from_pretrained(model_dir)
+        return family.tokenizer_class.from_pretrained(model_dir, **family.tokenizer_kwargs)
     except (ValueError, FileNotFoundError) as err:
         raise ModelFolderError(str(err)) from None
 
@@ -131,8 +242,12 @@ def load_model(model_dir, family=None, dtype=torch.float32, **config_overrides):
     """The model with its weights; `config_overrides` (e.g. pre_seq_len) add modules the checkpoint lacks."""
     family = family or family_for(model_dir)
     check_weight_files(model_dir)
-    config = family.config_class.from_pretrained(model_dir, **config_overrides)
-    model, info = family.model_class.from_pretrained(model_dir, config=config, dtype=dtype, output_loading_info=True)
+    try:
+        config = family.config_class.from_pretrained(model_dir, **config_overrides)
+        model, info = family.model_class.from_pretrained(model_dir, config=config, dtype=dtype,
+                                                         output_loading_info=True)
+    except ValueError as err:  # a setting this model cannot take, e.g. an embedding-only prompt on ChatGLM2
+        raise ModelFolderError(f"{model_dir}: {err}") from None
     new_modules = (family.prompt_prefix,) if config_overrides.get("pre_seq_len") else ()
     missing = [k for k in info["missing_keys"] if not k.startswith(new_modules)]
     unexpected = list(info["unexpected_keys"])

@@ -6,7 +6,9 @@ of each head in interleaved pairs. Positions are plain token positions, counted 
 (so left-padded batches decode like single rows). Loads the official checkpoints by their parameter names
 (`transformer.embedding.word_embeddings`, `transformer.encoder.layers.N.self_attention.query_key_value`,
 `transformer.output_layer`, `transformer.prefix_encoder.*`, ...). P-Tuning v2 prefixes (`pre_seq_len`,
-`prefix_projection`) give per-layer keys/values for each group, as the official prefix encoder does.
+`prefix_projection`) give per-layer keys/values for each group, as the official prefix encoder does; with
+`prompt_embedding_only` (ours; the official code has no such mode) the prompt is soft input embeddings put before
+the row, at positions 0 .. pre_seq_len - 1.
 """
 import math
 
@@ -62,11 +64,13 @@ class RMSNorm(nn.Module):
 
 
 class PrefixEncoder(nn.Module):
-    """Per-layer prefix keys and values for every key/value group (P-Tuning v2), optionally through an MLP."""
+    """Per-layer prefix keys and values for every key/value group (P-Tuning v2), optionally through an MLP; or, with
+    `prompt_embedding_only`, soft input embeddings put before the input (P-Tuning v1, ours)."""
 
     def __init__(self, config):
         super().__init__()
-        kv_size = config.num_layers * config.kv_channels * config.multi_query_group_num * 2
+        kv_size = config.hidden_size if config.prompt_embedding_only else \
+            config.num_layers * config.kv_channels * config.multi_query_group_num * 2
         self.prefix_projection = config.prefix_projection
         self.embedding = nn.Embedding(config.pre_seq_len, kv_size)
         if self.prefix_projection:
@@ -186,8 +190,6 @@ class GLMTransformer(nn.Module):
 class ChatGLMModel(ChatGLMPreTrainedModel):
     def __init__(self, config):
         super().__init__(config)
-        if config.pre_seq_len and config.prompt_embedding_only:
-            raise ValueError("prompt_embedding_only is not implemented for ChatGLM2/3 yet; use P-Tuning v2")
         self.embedding = Embedding(config)
         self.encoder = GLMTransformer(config)
         self.output_layer = nn.Linear(config.hidden_size, config.padded_vocab_size, bias=False)
@@ -203,7 +205,13 @@ class ChatGLMModel(ChatGLMPreTrainedModel):
 
     @property
     def num_prefix_keys(self):
-        return self.config.pre_seq_len or 0
+        """Per-layer prefix keys (P-Tuning v2), else 0."""
+        return self.config.pre_seq_len if (self.config.pre_seq_len and not self.config.prompt_embedding_only) else 0
+
+    @property
+    def num_virtual_tokens(self):
+        """Soft prompt tokens put before the input (embedding-only prompt), else 0."""
+        return self.config.pre_seq_len if (self.config.pre_seq_len and self.config.prompt_embedding_only) else 0
 
     def prefix_key_values(self, batch, dtype):
         cfg = self.config
@@ -215,7 +223,7 @@ class ChatGLMModel(ChatGLMPreTrainedModel):
     def cached_tokens(self, past_key_values):
         if past_key_values is None or past_key_values.get_seq_length() == 0:
             return 0
-        return past_key_values.get_seq_length() - self.num_prefix_keys
+        return past_key_values.get_seq_length() - self.num_prefix_keys - self.num_virtual_tokens
 
     def forward(self, input_ids=None, position_ids=None, attention_mask=None, past_key_values=None,
                 inputs_embeds=None, use_cache=None, **kwargs):
@@ -225,28 +233,39 @@ class ChatGLMModel(ChatGLMPreTrainedModel):
             past_key_values = DynamicCache(config=self.config)
         past = self.cached_tokens(past_key_values)
         first_call = past_key_values is None or past_key_values.get_seq_length() == 0
+        virtual = self.num_virtual_tokens if first_call else 0
         hidden = self.embedding(input_ids) if inputs_embeds is None else inputs_embeds
         pad = left_padding(attention_mask, batch, device)
-        if position_ids is None:
-            position_ids = (torch.arange(past, past + seq, device=device)[None] - pad[:, None]).clamp(min=0)
+        if position_ids is None:  # soft prompt tokens take positions 0 .. n-1, the row's tokens follow them
+            position_ids = (torch.arange(past, past + seq, device=device)[None] - pad[:, None]).clamp(min=0) + \
+                self.num_virtual_tokens
+        if virtual:
+            soft = self.prefix_dropout(self.prefix_encoder().to(hidden.dtype))
+            hidden = torch.cat([soft[None].expand(batch, -1, -1), hidden], dim=1)
+            position_ids = torch.cat([torch.arange(virtual, device=device)[None].expand(batch, -1), position_ids], 1)
         cos, sin = rotary_cos_sin(position_ids, self.config.kv_channels, self.config.rope_ratio, hidden.dtype)
         mask = self.build_attention_mask(attention_mask, batch, seq, past, first_call, device)
         prefix_kv = self.prefix_key_values(batch, hidden.dtype) if first_call and self.num_prefix_keys else None
         for i, layer in enumerate(self.encoder.layers):
             hidden = layer(hidden, cos, sin, mask, past_key_values, None if prefix_kv is None else prefix_kv[i])
-        hidden = self.encoder.final_layernorm(hidden)
+        hidden = self.encoder.final_layernorm(hidden[:, virtual:])
         return BaseModelOutputWithPast(last_hidden_state=hidden, past_key_values=past_key_values)
 
     def build_attention_mask(self, attention_mask, batch, seq, past, first_call, device):
-        """Bool [batch, 1, seq, keys] (True = may attend), or None when plain causal attention is exact."""
+        """Bool [batch, 1, queries, keys] (True = may attend), or None when plain causal attention is exact.
+
+        Keys are [prefix keys | soft prompt tokens | cached tokens | new tokens]; on the first call the queries are
+        [soft prompt tokens | new tokens]."""
         padded = attention_mask is not None and not bool(attention_mask.all())
-        if not padded and not self.num_prefix_keys and past == 0:
+        leading = self.num_prefix_keys + self.num_virtual_tokens
+        if not padded and not leading and past == 0:
             return None
         tokens = past + seq
         key_valid = torch.ones(batch, tokens, dtype=torch.bool, device=device) if attention_mask is None else \
             attention_mask[:, -tokens:].bool()
-        key_valid = torch.cat([key_valid.new_ones(batch, self.num_prefix_keys), key_valid], dim=1)
-        q_idx = torch.arange(seq, device=device)[:, None] + past + self.num_prefix_keys
+        key_valid = torch.cat([key_valid.new_ones(batch, leading), key_valid], dim=1)
+        virtual = self.num_virtual_tokens if first_call else 0
+        q_idx = torch.arange(seq + virtual, device=device)[:, None] + leading - virtual + past
         k_idx = torch.arange(key_valid.shape[1], device=device)[None, :]
         return ((k_idx <= q_idx)[None] & key_valid[:, None, :])[:, None]
 

@@ -147,7 +147,7 @@ def write_outputs(output_dir, rows, generated, scores, summary):
 def main(method, argv=None):
     from tqdm import tqdm
 
-    from data_set import DataError, encode_source, read_rows
+    from data_set import DataError, encode_prompt, read_rows
     from metrics import TASKS
     from model_family import ModelFolderError, family_for, load_tokenizer
     args = build_parser(method).parse_args(argv)
@@ -163,8 +163,7 @@ def main(method, argv=None):
     except (ModelFolderError, DataError) as err:
         raise SystemExit(f"error: {err}")
     try:
-        prompts = [family.build_prompt_ids(tokenizer, encode_source(tokenizer, row, args.max_src_len, args.test_path)[0])
-                   for row in rows]
+        prompts = [encode_prompt(tokenizer, family, row, args.max_src_len, args.test_path) for row in rows]
     except DataError as err:
         raise SystemExit(f"error: {err}")
     start = time.time()
@@ -172,7 +171,7 @@ def main(method, argv=None):
         new_tokens = generate(model, tokenizer, prompts, args.max_new_tokens, args.batch_size, device,
                               family.stop_token_ids(tokenizer), bar)
     seconds = time.time() - start
-    generated = [tokenizer.decode(t, skip_special_tokens=True) for t in new_tokens]
+    generated = [family.answer_text(tokenizer.decode(t, skip_special_tokens=True)) for t in new_tokens]
     scores, summary = TASKS[args.task](generated, [row.answers for row in rows])
     summary = {"task": args.task, **{k: round(v, 6) for k, v in summary.items()}, "rows": len(rows),
                "seconds": round(seconds, 3), "rows_per_s": round(len(rows) / seconds, 3),

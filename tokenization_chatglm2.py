@@ -74,11 +74,17 @@ class ChatGLMTokenizer(PreTrainedTokenizer):
             ids += list(token_ids_1) + [self.eos_token_id]
         return ids
 
-    def build_single_message(self, role, metadata, message):
-        """ChatGLM3's chat turn: the role token, the metadata line, the message."""
+    def role_header_ids(self, role, metadata=""):
+        """The start of a ChatGLM3 chat turn: the role token, then the metadata line (usually empty)."""
         if not self.role_tokens:
             raise ValueError("role tokens are ChatGLM3's; this is a ChatGLM2 tokenizer")
-        return [self.get_command(f"<|{role}|>")] + self.sp.EncodeAsIds(f"{metadata}\n") + self.sp.EncodeAsIds(message)
+        if f"<|{role}|>" not in self.special_ids:
+            raise ValueError(f"unknown role {role!r}; ChatGLM3 knows {', '.join(r[2:-2] for r in ROLES)}")
+        return [self.get_command(f"<|{role}|>")] + self.sp.EncodeAsIds(f"{metadata}\n")
+
+    def build_single_message(self, role, metadata, message):
+        """ChatGLM3's chat turn: the role token, the metadata line, the message."""
+        return self.role_header_ids(role, metadata) + self.sp.EncodeAsIds(message)
 
     def save_vocabulary(self, save_directory, filename_prefix=None):
         target = os.path.join(save_directory, (filename_prefix + "-" if filename_prefix else "") + "tokenizer.model")

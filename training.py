@@ -98,6 +98,8 @@ def build_parser(method):
     train.set_defaults(precision="auto")
     train.add_argument("--log_steps", type=int, default=10)
     train.add_argument("--save_steps", type=int, default=0, help="also save every N steps (0: at epoch ends only)")
+    train.add_argument("--keep_checkpoints", type=int, default=3,
+                       help="keep the newest N checkpoints, delete older ones (0: keep all)")
     train.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --output_dir")
     train.add_argument("--dump_final_state", default=None, metavar="FILE",
                        help="also write every parameter of the trained model to this safetensors file (to check "
@@ -293,8 +295,19 @@ def save_checkpoint(engine, method, args, tokenizer, progress, rank):
         with open(os.path.join(args.output_dir, "latest.tmp"), "w") as f:
             f.write(name)
         os.replace(os.path.join(args.output_dir, "latest.tmp"), os.path.join(args.output_dir, "latest"))
+        delete_old_checkpoints(args.output_dir, args.keep_checkpoints)
     torch.distributed.barrier()
     return final
+
+
+def delete_old_checkpoints(output_dir, keep):
+    """Remove all but the newest `keep` checkpoint-<step> folders (only after the newest is complete)."""
+    if keep <= 0:
+        return
+    steps = sorted(int(n.split("-")[1]) for n in os.listdir(output_dir)
+                   if n.startswith("checkpoint-") and n.split("-")[1].isdigit())
+    for step in steps[:-keep]:
+        shutil.rmtree(os.path.join(output_dir, f"checkpoint-{step}"), ignore_errors=True)
 
 
 def resume_from_checkpoint(engine, args, rank):

@@ -26,6 +26,17 @@ def untied_model_dir(tmp_path_factory):
                             weights_format="safetensors", shards=1, seed=1)
 
 
+@pytest.fixture(scope="session")
+def family_model_dirs(tiny_model_dir, tmp_path_factory):
+    """A tiny folder of each family, by family name (ChatGLM2/3: tokenizer.model with their special tokens)."""
+    from tools.make_tiny_model import build_tiny_model
+    folders = {"chatglm": tiny_model_dir}
+    for family in ("chatglm2", "chatglm3"):
+        folders[family] = build_tiny_model(str(tmp_path_factory.mktemp(family)), num_layers=2, hidden_size=64,
+                                           num_attention_heads=4, inner_hidden_size=128, family=family)
+    return folders
+
+
 def launch(script, *args, launcher=True, timeout=900, check=True, ranks=1):
     """Run one of the suite's scripts as a user would: through the deepspeed launcher (CPU accelerator) or python."""
     import subprocess

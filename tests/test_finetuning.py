@@ -98,6 +98,9 @@ def test_kill_and_resume_ends_with_the_same_loss(tiny_model_dir, few_rows, tmp_p
     # a save killed half way leaves a temporary folder behind; it must be ignored
     os.makedirs(os.path.join(pieces, ".checkpoint-6.tmp", "ds_state"))
     launch("finetuning_lora.py", *resume_args(tiny_model_dir, few_rows, pieces), "--resume")
+    # checkpoints at steps 2, 4, 6, 8 (--save_steps 2) and 3, 6, 9 (epoch ends); the newest three are kept
+    assert sorted(n for n in os.listdir(whole) if n.startswith("checkpoint-")) == \
+        ["checkpoint-6", "checkpoint-8", "checkpoint-9"]
     first, second = metrics_of(whole), metrics_of(pieces)
     assert [r["step"] for r in first] == [r["step"] for r in second] == list(range(1, 10))
     for a, b in zip(first, second):

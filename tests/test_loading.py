@@ -96,8 +96,40 @@ def test_missing_tokenizer_file(tiny_model_dir, tmp_path):
         load_tokenizer(folder)
 
 
-def test_a_chatglm2_folder_is_named_not_misread(tmp_path):
+def test_the_family_is_read_from_the_folder(tiny_model_dir, tmp_path):
     from conftest import FIXTURES
-    folder = copy_folder(os.path.join(FIXTURES, "chatglm2", "base"), tmp_path)
-    with pytest.raises(ModelFolderError, match="a ChatGLM2/ChatGLM3 model"):
-        family_for(folder)
+    assert family_for(tiny_model_dir).name == "chatglm"
+    glm2 = copy_folder(os.path.join(FIXTURES, "chatglm2", "base"), tmp_path)  # config.json only: ChatGLM2
+    assert family_for(glm2).name == "chatglm2"
+    # ChatGLM3 shares ChatGLM2's config; its tokenizer files (official: the chat template) name the role tokens
+    with open(os.path.join(glm2, "tokenizer_config.json"), "w") as f:
+        json.dump({"tokenizer_class": "ChatGLMTokenizer", "chat_template": "[gMASK]sop{% for m in messages %}"
+                   "<|{{ m['role'] }}|>\n {{ m['content'] }}{% endfor %}<|assistant|>"}, f)
+    assert family_for(glm2).name == "chatglm3"
+    assert family_for(glm2, mode="chatglm2").name == "chatglm2"
+    with pytest.raises(ModelFolderError, match="--mode chatglm4: unknown model family; known: chatglm, chatglm2"):
+        family_for(glm2, mode="chatglm4")
+
+
+def test_a_foreign_model_folder_is_refused(tmp_path):
+    folder = tmp_path / "llama"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    with pytest.raises(ModelFolderError, match="model_type 'llama' is not a model this suite serves"):
+        family_for(str(folder))
+
+
+@pytest.mark.parametrize("family", ["chatglm2", "chatglm3"])
+def test_tiny_chatglm2_and_chatglm3_folders_load_with_their_tokenizers(family_model_dirs, family):
+    folder = family_model_dirs[family]
+    assert family_for(folder).name == family
+    tokenizer = load_tokenizer(folder)
+    assert tokenizer.role_tokens == (family == "chatglm3")
+    model = load_model(folder)
+    assert "transformer.encoder.layers.0.self_attention.query_key_value.weight" in model.state_dict()
+    assert model.config.padded_vocab_size >= tokenizer.vocab_size
+
+
+def test_an_embedding_only_prompt_on_chatglm2_loads(family_model_dirs):
+    model = load_model(family_model_dirs["chatglm2"], pre_seq_len=4, prompt_embedding_only=True)
+    assert model.transformer.prefix_encoder.embedding.weight.shape == (4, model.config.hidden_size)

@@ -57,7 +57,8 @@ def tiny_model(**overrides):
     return model
 
 
-@pytest.mark.parametrize("overrides", [{}, {"pre_seq_len": 3}, {"pre_seq_len": 3, "prefix_projection": True}])
+@pytest.mark.parametrize("overrides", [{}, {"pre_seq_len": 3}, {"pre_seq_len": 3, "prefix_projection": True},
+                                       {"pre_seq_len": 3, "prompt_embedding_only": True}])
 def test_batched_left_padded_generation_equals_one_row_at_a_time(overrides):
     model = tiny_model(**overrides)
     rows = [[5, 6, 7, 8, 9, 10, 11], [12, 13], [14, 15, 16, 17]]
@@ -89,6 +90,20 @@ def test_gradient_checkpointing_with_frozen_embeddings_gives_the_same_gradients(
     assert all(torch.allclose(plain[n], checkpointed[n], atol=1e-6) for n in plain)
 
 
-def test_embedding_only_prompt_is_refused_until_implemented():
-    with pytest.raises(ValueError, match="prompt_embedding_only is not implemented for ChatGLM2/3 yet"):
-        tiny_model(pre_seq_len=3, prompt_embedding_only=True)
+def test_embedding_only_prompt_equals_those_embeddings_typed_as_tokens():
+    """A soft prompt holding the embeddings of tokens t1..tn computes what the plain model computes on t1..tn + input."""
+    base = tiny_model()
+    soft = tiny_model(pre_seq_len=3, prompt_embedding_only=True)
+    soft.load_state_dict(base.state_dict(), strict=False)
+    prompt_tokens = torch.tensor([21, 22, 23])
+    with torch.no_grad():
+        soft.transformer.prefix_encoder.embedding.weight.copy_(base.transformer.embedding.word_embeddings(prompt_tokens))
+        ids = torch.tensor([[5, 6, 7, 8, 9]])
+        expected = base(input_ids=torch.cat([prompt_tokens[None], ids], dim=1)).logits[:, 3:]
+        got = soft(input_ids=ids).logits
+    assert got.shape == (1, 5, base.config.padded_vocab_size)
+    assert torch.allclose(got, expected, atol=1e-5)
+    generated = soft.generate(ids, max_new_tokens=6, do_sample=False, eos_token_id=None)[0, 5:]
+    typed = base.generate(torch.cat([prompt_tokens[None], ids], dim=1), max_new_tokens=6, do_sample=False,
+                          eos_token_id=None)[0, 8:]
+    assert generated.tolist() == typed.tolist()

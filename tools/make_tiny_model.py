@@ -1,11 +1,12 @@
-"""Build a tiny, randomly initialised ChatGLM-6B folder laid out exactly like THUDM's official one.
+"""Build a tiny, randomly initialised ChatGLM-6B, ChatGLM2-6B or ChatGLM3-6B folder laid out like THUDM's official.
 
-The folder holds `config.json`, `ice_text.model` (a SentencePiece model trained here on the given text, with
-ChatGLM-6B's special pieces), `tokenizer_config.json` and the weights under the official parameter names —
-sharded `pytorch_model-0000N-of-0000M.bin` with `pytorch_model.bin.index.json` (as published) or safetensors.
-Every script of the suite runs on it unchanged. It is a stand-in for ChatGLM-6B: it knows nothing.
+The folder holds `config.json`, the tokenizer (a SentencePiece model trained here on the given text: `ice_text.model`
+with ChatGLM-6B's special pieces, or `tokenizer.model` for ChatGLM2/3, whose special tokens follow the
+SentencePiece vocabulary), `tokenizer_config.json` and the weights under the official parameter names — sharded
+`pytorch_model-0000N-of-0000M.bin` with `pytorch_model.bin.index.json` (as published) or safetensors. Every script
+of the suite runs on it unchanged. It is a stand-in for the real model: it knows nothing.
 
-    python tools/make_tiny_model.py --output_dir /tmp/tiny-chatglm [--num_layers 4 --hidden_size 128 ...]
+    python tools/make_tiny_model.py --output_dir /tmp/tiny-chatglm [--family chatglm2] [--num_layers 4 ...]
 """
 import argparse
 import glob
@@ -17,8 +18,13 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from configuration_chatglm import ChatGLMConfig  # noqa: E402
+from configuration_chatglm2 import ChatGLMConfig as ChatGLM2Config  # noqa: E402
 from modeling_chatglm import ChatGLMForConditionalGeneration, ROPE_BASE  # noqa: E402
+from modeling_chatglm2 import ChatGLMForConditionalGeneration as ChatGLM2ForConditionalGeneration  # noqa: E402
 from tokenization_chatglm import ChatGLMTokenizer, train_sentencepiece_model  # noqa: E402
+from tokenization_chatglm2 import ChatGLMTokenizer as ChatGLM2Tokenizer  # noqa: E402
+
+FAMILIES = ("chatglm", "chatglm2", "chatglm3")
 
 DEFAULT_TEXT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data")
 
@@ -43,9 +49,14 @@ def texts_from(paths):
 
 
 def official_state_dict(model):
-    """The state dict as the official checkpoints store it: the float16-rounded rotary frequencies included."""
+    """The state dict as the official checkpoints store it, rotary frequency buffers included (ChatGLM-6B's
+    rounded to float16, as published)."""
     state = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
     cfg = model.config
+    if hasattr(cfg, "padded_vocab_size"):  # ChatGLM2/3: one buffer, rotary on half of each head
+        rot_dim = cfg.kv_channels // 2
+        state["transformer.rotary_pos_emb.inv_freq"] = 1.0 / (ROPE_BASE ** (torch.arange(0, rot_dim, 2).float() / rot_dim))
+        return state
     rot_dim = cfg.hidden_size // cfg.num_attention_heads // 2
     inv_freq = (1.0 / (ROPE_BASE ** (torch.arange(0, rot_dim, 2).float() / rot_dim))).half()
     for i in range(cfg.num_layers):
@@ -76,32 +87,54 @@ def save_weights(state, output_dir, fmt, shards):
             json.dump(index, f, indent=2)
 
 
+def tokenizer_and_config(family, output_dir, texts, vocab_pieces, num_image_tokens, num_layers, hidden_size,
+                         num_attention_heads, inner_hidden_size, tie_word_embeddings, max_sequence_length):
+    """Train and save the family's tokenizer; return the matching config."""
+    if family == "chatglm":
+        sp_path = os.path.join(output_dir, "ice_text.model")
+        train_sentencepiece_model(texts, sp_path, vocab_size=vocab_pieces)
+        tokenizer = ChatGLMTokenizer(sp_path, num_image_tokens=num_image_tokens)
+        tokenizer.save_pretrained(output_dir)
+        return ChatGLMConfig(
+            vocab_size=tokenizer.vocab_size, hidden_size=hidden_size, num_layers=num_layers,
+            num_attention_heads=num_attention_heads, inner_hidden_size=inner_hidden_size,
+            max_sequence_length=max_sequence_length, bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id, mask_token_id=tokenizer.mask_token_id,
+            gmask_token_id=tokenizer.gmask_token_id, pad_token_id=tokenizer.pad_token_id,
+            tie_word_embeddings=tie_word_embeddings, architectures=["ChatGLMModel"])
+    sp_path = os.path.join(output_dir, "tokenizer.model")
+    train_sentencepiece_model(texts, sp_path, vocab_size=vocab_pieces, chatglm6b_pieces=False)
+    tokenizer = ChatGLM2Tokenizer(sp_path, role_tokens=family == "chatglm3")
+    tokenizer.save_pretrained(output_dir)
+    return ChatGLM2Config(
+        padded_vocab_size=-(-tokenizer.vocab_size // 64) * 64,  # padded like the official 65,024
+        hidden_size=hidden_size, num_layers=num_layers, num_attention_heads=num_attention_heads,
+        kv_channels=hidden_size // num_attention_heads, ffn_hidden_size=inner_hidden_size, multi_query_group_num=2,
+        seq_length=max_sequence_length, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        architectures=["ChatGLMModel"])
+
+
 def build_tiny_model(output_dir, num_layers=4, hidden_size=128, num_attention_heads=4, inner_hidden_size=512,
                      vocab_pieces=3000, num_image_tokens=20000, text=(DEFAULT_TEXT,), weights_format="bin",
-                     shards=2, seed=0, tie_word_embeddings=True, max_sequence_length=2048, embedding_std=1.0, init_std=0.2):
+                     shards=2, seed=0, tie_word_embeddings=True, max_sequence_length=2048, embedding_std=1.0,
+                     init_std=0.2, family="chatglm"):
+    if family not in FAMILIES:
+        raise ValueError(f"unknown family {family!r}; one of {', '.join(FAMILIES)}")
     os.makedirs(output_dir, exist_ok=True)
-    sp_path = os.path.join(output_dir, "ice_text.model")
     from training import DEFAULT_PROMPT  # the default task instruction is text the tokenizer should know
-    train_sentencepiece_model(texts_from(list(text)) + [DEFAULT_PROMPT] * 10, sp_path, vocab_size=vocab_pieces)
-    tokenizer = ChatGLMTokenizer(sp_path, num_image_tokens=num_image_tokens)
-    tokenizer.save_pretrained(output_dir)
-    config = ChatGLMConfig(
-        vocab_size=tokenizer.vocab_size, hidden_size=hidden_size, num_layers=num_layers,
-        num_attention_heads=num_attention_heads, inner_hidden_size=inner_hidden_size,
-        max_sequence_length=max_sequence_length, bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id, mask_token_id=tokenizer.mask_token_id,
-        gmask_token_id=tokenizer.gmask_token_id, pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=tie_word_embeddings, architectures=["ChatGLMModel"],
-    )
+    texts = texts_from(list(text)) + [DEFAULT_PROMPT] * 10
+    config = tokenizer_and_config(family, output_dir, texts, vocab_pieces, num_image_tokens, num_layers, hidden_size,
+                                  num_attention_heads, inner_hidden_size, tie_word_embeddings, max_sequence_length)
     torch.manual_seed(seed)
-    model = ChatGLMForConditionalGeneration(config)
+    model = (ChatGLMForConditionalGeneration if family == "chatglm" else ChatGLM2ForConditionalGeneration)(config)
     # Scales like a trained model's rather than GPT-style 0.02: with 0.02 a tied head cannot make a confident
     # prediction (its largest logit is about 0.02 * hidden_size) and, after GLM's sqrt(56)-scaled residual, the
     # sublayers barely move the hidden state, so adapters and prefixes could never fit anything.
     with torch.no_grad():
         for name, parameter in model.named_parameters():
             if parameter.ndim == 2:
-                parameter.normal_(0.0, embedding_std if "embeddings" in name or "lm_head" in name else init_std)
+                head = any(k in name for k in ("embeddings", "lm_head", "output_layer"))
+                parameter.normal_(0.0, embedding_std if head else init_std)
     config.save_pretrained(output_dir)
     save_weights(official_state_dict(model), output_dir, weights_format, shards)
     return output_dir
@@ -110,10 +143,12 @@ def build_tiny_model(output_dir, num_layers=4, hidden_size=128, num_attention_he
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output_dir", required=True, help="folder to write (created if missing)")
+    parser.add_argument("--family", choices=FAMILIES, default="chatglm", help="which model's folder to build")
     parser.add_argument("--num_layers", type=int, default=4)
     parser.add_argument("--hidden_size", type=int, default=128)
     parser.add_argument("--num_attention_heads", type=int, default=4)
-    parser.add_argument("--inner_hidden_size", type=int, default=512)
+    parser.add_argument("--inner_hidden_size", type=int, default=512, help="feed-forward width (ChatGLM2/3: "
+                        "ffn_hidden_size)")
     parser.add_argument("--vocab_pieces", type=int, default=3000,
                         help="SentencePiece vocabulary size to aim for (fewer when the text is small)")
     parser.add_argument("--num_image_tokens", type=int, default=20000,
@@ -123,15 +158,16 @@ def main():
     parser.add_argument("--weights_format", choices=["bin", "safetensors"], default="bin")
     parser.add_argument("--shards", type=int, default=2, help="number of weight files (the official has 8)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--untied", action="store_true", help="a separate lm_head (the official ties it)")
+    parser.add_argument("--untied", action="store_true", help="ChatGLM-6B: a separate lm_head (the official ties "
+                        "it; ChatGLM2/3 always have their own output layer)")
     parser.add_argument("--embedding_std", type=float, default=1.0, help="scale of the random embeddings")
     parser.add_argument("--init_std", type=float, default=0.2, help="scale of the random linear weights")
     args = parser.parse_args()
     build_tiny_model(args.output_dir, args.num_layers, args.hidden_size, args.num_attention_heads,
                      args.inner_hidden_size, args.vocab_pieces, args.num_image_tokens, args.text,
                      args.weights_format, args.shards, args.seed, not args.untied,
-                     embedding_std=args.embedding_std, init_std=args.init_std)
-    print(f"tiny ChatGLM-6B stand-in written to {args.output_dir}")
+                     embedding_std=args.embedding_std, init_std=args.init_std, family=args.family)
+    print(f"tiny {args.family} stand-in written to {args.output_dir}")
 
 
 if __name__ == "__main__":

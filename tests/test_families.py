@@ -1,0 +1,89 @@
+"""Every method on ChatGLM2 and ChatGLM3 tiny folders, through the real deepspeed launcher, then its predict script.
+
+The family is read from the folder; nothing is passed to say which model it is. ChatGLM3 also learns multi-turn
+conversation rows (the loss on assistant turns only) and predicts their last answer.
+"""
+import json
+import os
+
+import pytest
+
+from conftest import MODES, launch, memorise_args
+
+FAMILY_MODES = ["freeze", "pt2", "pt_embedding_only", "lora"]
+PREDICT = {"freeze": "predict_freeze.py", "pt2": "predict_pt.py", "pt_embedding_only": "predict_pt.py",
+           "lora": "predict_lora.py"}
+TRAINED_PREFIX = {"freeze": "transformer.encoder.layers.1.", "pt2": "transformer.prefix_encoder.",
+                  "pt_embedding_only": "transformer.prefix_encoder."}
+
+
+@pytest.fixture(scope="module")
+def conversation_rows(few_rows, tmp_path_factory):
+    """The six rows as three two-turn ChatGLM3 conversations (system prompt, two questions, two answers)."""
+    with open(few_rows, encoding="utf-8") as f:
+        rows = [json.loads(line) for line in f]
+    chats = []
+    for a, b in zip(rows[0::2], rows[1::2]):
+        chats.append({"conversations": [
+            {"role": "system", "content": "抽取三元组"}, {"role": "user", "content": a["text"]},
+            {"role": "assistant", "content": a["answer"]}, {"role": "user", "content": b["text"]},
+            {"role": "assistant", "content": b["answer"]}]})
+    path = tmp_path_factory.mktemp("chats") / "chats.jsonl"
+    path.write_text("".join(json.dumps(c, ensure_ascii=False) + "\n" for c in chats), encoding="utf-8")
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def trained_families(family_model_dirs, few_rows, conversation_rows, tmp_path_factory):
+    outputs = {}
+    runs = [(family, mode, few_rows, []) for family in ("chatglm2", "chatglm3") for mode in FAMILY_MODES]
+    runs.append(("chatglm3", "lora_conversations", conversation_rows, ["--train_batch_size", 3]))
+    for family, mode, rows, extra in runs:
+        script, options = MODES[mode.replace("_conversations", "")]
+        out = str(tmp_path_factory.mktemp(f"{family}-{mode}"))
+        result = launch(script, *memorise_args(family_model_dirs[family], rows, out), *options, *extra)
+        outputs[family, mode] = (out, result.stdout)
+    return outputs
+
+
+def read_metrics(out):
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f if '"loss"' in line]
+
+
+def predict(mode, out, rows, tmp_path):
+    folder = tmp_path / f"pred-{mode}"
+    launch(PREDICT[mode.replace("_conversations", "")], "--model_dir", out, "--test_path", rows, "--output_dir",
+           folder, "--device", "cpu", "--batch_size", 4, launcher=False)
+    with open(folder / "metrics.json") as f:
+        metrics = json.load(f)
+    with open(folder / "predictions.jsonl") as f:
+        return metrics, [json.loads(line) for line in f]
+
+
+@pytest.mark.parametrize("family", ["chatglm2", "chatglm3"])
+@pytest.mark.parametrize("mode", FAMILY_MODES)
+def test_every_method_learns_and_predicts_on_the_family(trained_families, few_rows, tmp_path, family, mode):
+    out, stdout = trained_families[family, mode]
+    losses = [r["loss"] for r in read_metrics(out)]
+    assert losses[-1] < 0.5 * losses[0]
+    metrics, predictions = predict(mode, out, few_rows, tmp_path)
+    assert metrics["rows"] == len(predictions) == 6
+    if mode != "pt_embedding_only":  # a soft input prompt cannot hold six answers; the others learn them by heart
+        assert losses[-1] < 0.05
+        assert metrics["f1"] >= 0.9, predictions
+    with open(os.path.join(out, "latest")) as f:
+        checkpoint = os.path.join(out, f.read().strip())
+    assert os.path.isfile(os.path.join(checkpoint, "tokenizer.model"))  # the family's tokenizer travels with it
+    if mode in TRAINED_PREFIX:
+        from safetensors.torch import load_file
+        names = load_file(os.path.join(checkpoint, "model.safetensors"))
+        assert names and all(k.startswith(TRAINED_PREFIX[mode]) for k in names)
+
+
+def test_chatglm3_learns_conversations_and_predicts_their_last_answer(trained_families, conversation_rows, tmp_path):
+    out, _ = trained_families["chatglm3", "lora_conversations"]
+    assert read_metrics(out)[-1]["loss"] < 0.05
+    metrics, predictions = predict("lora_conversations", out, conversation_rows, tmp_path)
+    assert metrics["f1"] >= 0.9, predictions
+    assert len(predictions) == 3 and all(p["text"] and p["generated"] for p in predictions)
