@@ -203,16 +203,20 @@ def make_scheduler(optimizer, args, total_steps):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def compile_blocks(model):
+def compile_blocks(model, mode=None):
     """torch.compile every transformer block, with the sequence length dynamic so one graph serves every batch.
 
     A 6B step at batch 2 is bound by the host launching ~2,800 small kernels; compiled blocks fuse the pointwise
     work (rotary, residuals, norms, GELU) into few kernels. The block classes are the model's `_no_split_modules`.
+    `mode="reduce-overhead"` also replays each block as a CUDA graph; that needs fixed shapes, so it compiles
+    one graph per sequence length (pad batches to a multiple, e.g. 64, to keep their number small).
     """
     block_names = set(getattr(model, "_no_split_modules", None) or [])
+    if mode == "reduce-overhead":
+        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
     for module in model.modules():
         if type(module).__name__ in block_names:
-            module.compile(dynamic=True)
+            module.compile(dynamic=mode != "reduce-overhead", mode=mode)
 
 
 def build_engine(model, args, world_size, device, total_steps):

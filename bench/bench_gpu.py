@@ -1,7 +1,8 @@
 """The reference experiment on one GPU: training step time, memory and MFU per method, and prediction time.
 
-A ChatGLM-6B-sized model (the official config: 28 layers, hidden 4096, 32 heads, vocab 130,528) is built with
-random weights directly on the GPU (speed and memory do not depend on the weights). Batches follow the token
+A ChatGLM-6B-sized model (the official config: 28 layers, hidden 4096, 32 heads, vocab 130,528) — or with
+`--family chatglm2` a ChatGLM2/3-6B-sized one (28 layers, hidden 4096, ffn 13,696, 2 KV groups, vocab 65,024) — is
+built with random weights directly on the GPU (speed and memory do not depend on the weights). Batches follow the token
 lengths of the spo training set (bench/spo_lengths.json, made by bench/make_length_profile.py with a tokenizer
 trained on that data), two rows per step as in the reference, through the suite's own method code
 (finetuning_*.py) and DeepSpeed engine (training.build_engine: ZeRO-1, bf16).
@@ -13,6 +14,8 @@ logits; prediction one row at a time.
     python bench/bench_gpu.py --all --out bench/results        # everything, prints the table (about 8 minutes)
     python bench/bench_gpu.py --variant lora [--gc] [--reference]   # one training variant, one JSON line
     python bench/bench_gpu.py --predict | --attention             # prediction / attention comparison
+    python bench/bench_gpu.py --all --family chatglm2              # the ChatGLM2/3-6B size (LoRA, P-Tuning v2)
+    python bench/bench_gpu.py --all --cuda_graphs --skip_predict   # experiment: padded lengths, CUDA-graphed blocks
 
 FLOPs are counted per batch from the matrix shapes (see `train_flops`); MFU = FLOPs / time / 989 TFLOP/s
 (H100 SXM dense bf16; an H200 has the same peak).
@@ -75,16 +78,30 @@ def load_profile():
         return json.load(f)
 
 
+FAMILY = "chatglm"  # --family chatglm2: the ChatGLM2/3-6B size (ChatGLM3-6B has the same shapes)
+# ChatGLM2/3's special token ids in the official tokenizer
+GLM2_IDS = {"gmask": 64790, "sop": 64792, "eos": 2, "pad": 0}
+
+
 def official_config(**overrides):
+    """The official 6B configuration of the family being measured (the config classes' defaults)."""
+    if FAMILY == "chatglm2":
+        from configuration_chatglm2 import ChatGLMConfig
+        if TINY:
+            overrides.update(hidden_size=64, num_layers=6, num_attention_heads=4, kv_channels=16, ffn_hidden_size=128)
+        return ChatGLMConfig(**overrides)  # 28 layers, hidden 4096, ffn 13,696, 2 KV groups, vocab 65,024
     from configuration_chatglm import ChatGLMConfig
     if TINY:
         overrides.update(hidden_size=64, num_layers=6, num_attention_heads=4, inner_hidden_size=128)
-    return ChatGLMConfig(**overrides)  # the defaults are ChatGLM-6B's
+    return ChatGLMConfig(**overrides)  # 28 layers, hidden 4096, 32 heads, vocab 130,528
 
 
 def build_model(config, dtype):
-    """A ChatGLM-6B-sized model with random weights, made on the GPU."""
-    from modeling_chatglm import ChatGLMForConditionalGeneration
+    """A 6B-sized model with random weights, made on the GPU."""
+    if FAMILY == "chatglm2":
+        from modeling_chatglm2 import ChatGLMForConditionalGeneration
+    else:
+        from modeling_chatglm import ChatGLMForConditionalGeneration
     torch.set_default_dtype(dtype)
     with torch.device("cuda" if on_gpu() else "cpu"):
         model = ChatGLMForConditionalGeneration(config)
@@ -92,21 +109,40 @@ def build_model(config, dtype):
     return model
 
 
-def make_batches(profile, config, n, pad_to=None, seed=0):
-    """Batches of two training rows with the spo lengths: context ending in [gMASK], then <sop> answer <eop>."""
+def head_of(model):
+    return model.get_output_embeddings()
+
+
+def random_row(config, length, answer):
+    """(ids, first labelled position) of one row in the family's layout, random text."""
+    context = length - answer
+    if FAMILY == "chatglm2":  # [gMASK] sop source answer eos
+        ids = torch.randint(100, min(64000, config.padded_vocab_size - 1), (length,))
+        ids[0], ids[1], ids[length - 1] = GLM2_IDS["gmask"] % config.padded_vocab_size, \
+            GLM2_IDS["sop"] % config.padded_vocab_size, GLM2_IDS["eos"]
+        return ids, context
+    ids = torch.randint(20005, min(130000, config.vocab_size - 1), (length,))  # source [gMASK] <sop> answer <eop>
+    ids[context - 1], ids[context], ids[length - 1] = config.gmask_token_id, config.bos_token_id, config.eos_token_id
+    return ids, context
+
+
+def round_up(n, multiple):
+    return -(-n // multiple) * multiple if multiple else n
+
+
+def make_batches(profile, config, n, pad_to=None, seed=0, bucket=None):
+    """Batches of two training rows with the spo lengths, padded to their longest row (or `pad_to`, or up to a
+    multiple of `bucket`)."""
     rng = random.Random(seed)
     rows = list(zip(profile["train_lengths"], profile["train_label_tokens"]))
     batches = []
     for _ in range(n):
         pair = rng.sample(rows, 2)
-        width = pad_to or max(length for length, _ in pair)
+        width = pad_to or round_up(max(length for length, _ in pair), bucket)
         input_ids = torch.full((2, width), config.pad_token_id, dtype=torch.long)
         labels = torch.full((2, width), -100, dtype=torch.long)
         for i, (length, answer) in enumerate(pair):
-            context = length - answer
-            ids = torch.randint(20005, 130000, (length,))
-            ids[context - 1], ids[context], ids[length - 1] = config.gmask_token_id, config.bos_token_id, \
-                config.eos_token_id
+            ids, context = random_row(config, length, answer)
             input_ids[i, :length] = ids
             labels[i, context:length] = ids[context:]
         batches.append({"input_ids": input_ids, "labels": labels,
@@ -114,35 +150,47 @@ def make_batches(profile, config, n, pad_to=None, seed=0):
     return batches
 
 
+def layer_weights(config):
+    """Weights of one layer's matmuls. ChatGLM-6B: qkv 3h^2, dense h^2, MLP 2 x h x 4h (12 h^2 in all).
+    ChatGLM2/3: q h^2 plus keys/values for 2 groups of 128 (h x 512), dense h^2, SwiGLU 3 x h x ffn."""
+    h = config.hidden_size
+    if hasattr(config, "padded_vocab_size"):
+        q = config.num_attention_heads * config.kv_channels
+        kv = 2 * config.multi_query_group_num * config.kv_channels
+        return h * (q + kv) + q * h + 3 * h * config.ffn_hidden_size
+    return 4 * h * h + 2 * h * config.inner_hidden_size
+
+
 def train_flops(batch, config, method, trainable_layers):
     """Model FLOPs of one training step (no recomputation counted).
 
-    Per layer the matmuls hold 12 h^2 weights (qkv 3h^2, dense h^2, MLP 8h^2): forward 2 x 12 h^2 per token;
-    attention 4 s^2 h per sequence (QK^T and PV over the full square, as computed). The head is applied only
+    Per layer the matmuls hold W weights (`layer_weights`): forward 2 W per token; attention 4 s^2 h per
+    sequence (QK^T and PV over the full square, as computed). The head is applied only
     where a label is (loss_only) or, in the reference config, everywhere. Backward: activation gradients (the
     forward's cost again, attention twice) through every layer the gradient must cross, plus weight gradients
     (the forward's cost again) for trained weights. LoRA, P-Tuning v2 and the embedding-only prompt need
     activation gradients down to the first layer; Freeze only through its last layers.
     """
-    h, layers, vocab = config.hidden_size, config.num_layers, config.vocab_size
+    h, layers, vocab, weights = config.hidden_size, config.num_layers, config.vocab_size, layer_weights(config)
     labels = batch["labels"]
     tokens = labels.numel() if batch.get("padded") else batch["real_tokens"]
     seq_lens = [labels.shape[1]] * 2 if batch.get("padded") else \
         [int((row != config.pad_token_id).sum()) for row in batch["input_ids"]]
     head_tokens = tokens if batch.get("full_logits") else int((labels[:, 1:] != -100).sum())
-    layer_fwd = 2 * 12 * h * h * tokens + sum(4 * s * s * h for s in seq_lens)
+    layer_fwd = 2 * weights * tokens + sum(4 * s * s * h for s in seq_lens)
     head_fwd = 2 * head_tokens * h * vocab
     forward = layers * layer_fwd + head_fwd
     crossed = trainable_layers if method == "freeze" else layers
     attention = sum(4 * s * s * h for s in seq_lens)
     backward = head_fwd + crossed * (layer_fwd + attention)  # activation gradients
     if method == "freeze":
-        backward += trainable_layers * 2 * 12 * h * h * tokens  # weight gradients of the trained layers
+        backward += trainable_layers * 2 * weights * tokens  # weight gradients of the trained layers
     return forward + backward
 
 
-def run_training_variant(method, gradient_checkpointing, reference, steps, warmup, compile_blocks_=True):
-    from model_family import CHATGLM6B
+def run_training_variant(method, gradient_checkpointing, reference, steps, warmup, compile_blocks_=True,
+                         compile_mode=None, bucket=None):
+    from model_family import FAMILIES
     from training import build_engine, compile_blocks, setup_distributed
     spec = METHODS[method]
     _, _, device = setup_distributed()
@@ -162,13 +210,13 @@ def run_training_variant(method, gradient_checkpointing, reference, steps, warmu
                            train_batch_size=2, gradient_accumulation_steps=1, max_grad_norm=1.0, zero_stage=1,
                            offload=False, ds_config=None, precision="fp16" if reference else "bf16",
                            model_dir="random", **spec["extra"])
-    model = getattr(module, spec["cls"])().prepare(model, args, CHATGLM6B)
+    model = getattr(module, spec["cls"])().prepare(model, args, FAMILIES[FAMILY])
     compiled = compile_blocks_ and not reference
     if compiled:
-        compile_blocks(model)
+        compile_blocks(model, compile_mode)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     engine = build_engine(model, args, 1, device, total_steps=10_000)
-    batches = make_batches(load_profile(), config, warmup + steps, pad_to=768 if reference else None)
+    batches = make_batches(load_profile(), config, warmup + steps, pad_to=768 if reference else None, bucket=bucket)
     for b in batches:
         b["padded"], b["full_logits"] = reference, reference
     reset_peak()
@@ -178,7 +226,11 @@ def run_training_variant(method, gradient_checkpointing, reference, steps, warmu
                       loss_only=not reference).loss
         engine.backward(loss)
         engine.step()
-    for b in batches[:warmup]:
+    warm = batches[:warmup]
+    if bucket:  # every padded length the timed steps will see, twice (compilation, then CUDA graph recording)
+        widths = {b["input_ids"].shape[1]: b for b in batches[warmup:]}
+        warm += [b for b in widths.values() for _ in range(2)]
+    for b in warm:
         step(b)
     sync()
     start = time.perf_counter()
@@ -190,8 +242,8 @@ def run_training_variant(method, gradient_checkpointing, reference, steps, warmu
     real_tokens = sum(b["real_tokens"] for b in measured) / steps
     flops = sum(train_flops(b, config, method, 5) for b in measured) / steps
     steps_per_epoch = REFERENCE_EPOCH_ROWS // 2
-    return {"method": method, "gradient_checkpointing": gradient_checkpointing, "reference_config": reference,
-            "compiled": compiled,
+    return {"family": FAMILY, "method": method, "gradient_checkpointing": gradient_checkpointing,
+            "reference_config": reference, "compiled": compiled, "compile_mode": compile_mode, "bucket": bucket,
             "trainable_params": trainable, "ms_per_step": round(seconds * 1000, 1),
             "real_tokens_per_s": round(real_tokens / seconds), "s_per_epoch": round(seconds * steps_per_epoch, 1),
             "min_for_5_epochs": round(seconds * steps_per_epoch * 5 / 60, 2),
@@ -199,10 +251,15 @@ def run_training_variant(method, gradient_checkpointing, reference, steps, warmu
 
 
 def make_prompts(profile, config, rows=50):
+    """The test prompts' lengths in the family's layout, random text."""
     prompts = []
     for length in profile["test_prompt_lengths"][:rows]:
-        ids = torch.randint(20005, 130000, (length,)).tolist()
-        ids[-2:] = [config.gmask_token_id, config.bos_token_id]
+        if FAMILY == "chatglm2":
+            ids = torch.randint(100, 64000, (length,)).tolist()
+            ids[:2] = [GLM2_IDS["gmask"], GLM2_IDS["sop"]]
+        else:
+            ids = torch.randint(20005, 130000, (length,)).tolist()
+            ids[-2:] = [config.gmask_token_id, config.bos_token_id]
         prompts.append(ids)
     return prompts
 
@@ -213,7 +270,7 @@ def timed_generate(model, prompts, batch_size, new_tokens, pad_id):
     start = time.perf_counter()
     for i in range(0, len(prompts), batch_size):
         input_ids, mask = left_pad(prompts[i:i + batch_size], pad_id)
-        device = model.lm_head.weight.device
+        device = head_of(model).weight.device
         model.generate(input_ids=input_ids.to(device), attention_mask=mask.to(device), max_new_tokens=new_tokens,
                        min_new_tokens=new_tokens, do_sample=False, eos_token_id=None, pad_token_id=pad_id)
     sync()
@@ -235,7 +292,7 @@ def run_prediction(new_tokens, single_rows):
         rows = prompts if batch > 1 else prompts[:single_rows]
         timed_generate(model, rows[:2], batch, 8, config.pad_token_id)  # warm-up
         seconds = timed_generate(model, rows, batch, new_tokens, config.pad_token_id) * len(prompts) / len(rows)
-        results.append({"prediction": name, "rows": len(prompts), "measured_rows": len(rows),
+        results.append({"family": FAMILY, "prediction": name, "rows": len(prompts), "measured_rows": len(rows),
                         "new_tokens": new_tokens, "seconds_for_50": round(seconds, 1),
                         "ms_per_token_step": round(seconds / (len(prompts) / batch) / new_tokens * 1000, 2),
                         "peak_gib": peak_gib(), "gpu": device_name()})
@@ -250,7 +307,7 @@ def run_attention_comparison(steps=10):
     config = official_config()
     model = build_model(config, torch.bfloat16).train()
     batch = make_batches(load_profile(), config, 1, pad_to=768)[0]
-    device = model.lm_head.weight.device
+    device = head_of(model).weight.device
     ids, labels = batch["input_ids"].to(device), batch["labels"].to(device)
     ids[:, :] = torch.where(ids == config.pad_token_id, 20100, ids)  # 768 real tokens per row
     results = []
@@ -272,20 +329,28 @@ def run_attention_comparison(steps=10):
     return results
 
 
-def variant_list():
-    variants = []
-    for method in METHODS:
-        variants.append([method])
-        variants.append([method, "--gc"])
-    variants += [["lora", "--no_compile"], ["lora", "--reference"], ["freeze", "--reference"], ["pt2", "--reference"],
-                 ["pt_embedding_only", "--reference"]]
+def variant_list(cuda_graphs=False):
+    if FAMILY == "chatglm2":  # the issue asks for LoRA and P-Tuning v2 at this size
+        variants = [["lora"], ["lora", "--gc"], ["pt2"], ["pt2", "--gc"], ["lora", "--reference"], ["pt2", "--reference"]]
+    else:
+        variants = []
+        for method in METHODS:
+            variants.append([method])
+            variants.append([method, "--gc"])
+        variants += [["lora", "--no_compile"], ["lora", "--reference"], ["freeze", "--reference"],
+                     ["pt2", "--reference"], ["pt_embedding_only", "--reference"]]
+    if cuda_graphs:  # lengths padded to multiples of 64: alone, and with each block replayed as a CUDA graph
+        variants = [v for v in variants if "--reference" not in v and "--gc" not in v and "--no_compile" not in v]
+        variants = [v + extra for v in variants
+                    for extra in (["--bucket", "64"], ["--bucket", "64", "--compile_mode", "reduce-overhead"])]
     return variants
 
 
-def run_all(out_dir, steps, warmup, new_tokens, single_rows, skip_predict, prediction_from=None, only=None):
+def run_all(out_dir, steps, warmup, new_tokens, single_rows, skip_predict, prediction_from=None, only=None,
+            cuda_graphs=False):
     rows = []
-    tiny = ["--tiny"] if TINY else []
-    for variant in variant_list():
+    tiny = (["--tiny"] if TINY else []) + ["--family", FAMILY]
+    for variant in variant_list(cuda_graphs):
         if only and variant[0] not in only:
             continue
         command = [sys.executable, os.path.abspath(__file__), "--variant", *variant, "--steps", str(steps),
@@ -315,7 +380,9 @@ def merge_reports(paths, out_dir):
             part = json.load(f)
         report["date"] = part["date"]
         report["training"] += part["training"]
-        report["prediction"] = part["prediction"] or report["prediction"]
+        known = {(r.get("family", "chatglm"), r["prediction"]) for r in part["prediction"]}
+        report["prediction"] = [r for r in report["prediction"]
+                                if (r.get("family", "chatglm"), r["prediction"]) not in known] + part["prediction"]
     write_report(report, out_dir)
 
 
@@ -329,26 +396,33 @@ def write_report(report, out_dir):
     print(table)
 
 
+MODEL_NAMES = {"chatglm": "ChatGLM-6B", "chatglm2": "ChatGLM2/3-6B"}
+
+
 def markdown_table(report):
     gpu = (report["training"] or report["prediction"] or [{"gpu": "?"}])[0]["gpu"]
     lines = [f"Measured {report['date']} on {gpu} by `python bench/bench_gpu.py --all`.", "",
-             "| method | config | ms/step | real tokens/s | 5 epochs (min) | peak GiB | MFU | speed-up vs reference config |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
-    reference = {r["method"]: r["ms_per_step"] for r in report["training"] if r["reference_config"]}
+             "| model | method | config | ms/step | real tokens/s | 5 epochs (min) | peak GiB | MFU | speed-up vs reference config |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    reference = {(r.get("family", "chatglm"), r["method"]): r["ms_per_step"] for r in report["training"]
+                 if r["reference_config"]}
     for r in report["training"]:
+        family = r.get("family", "chatglm")
         config = "reference config (pad 768, fp16, eager)" if r["reference_config"] else \
             ("ours" + (", grad. checkpointing" if r["gradient_checkpointing"] else "")
-             + ("" if r.get("compiled", True) else ", not compiled"))
-        ratio = "" if r["reference_config"] or r["method"] not in reference else \
-            f"{reference[r['method']] / r['ms_per_step']:.1f}x"
-        lines.append(f"| {r['method']} | {config} | {r['ms_per_step']} | {r['real_tokens_per_s']} | "
+             + ("" if r.get("compiled", True) else ", not compiled")
+             + (f", lengths padded to x{r['bucket']}" if r.get("bucket") else "")
+             + (", blocks as CUDA graphs" if r.get("compile_mode") == "reduce-overhead" else ""))
+        ratio = "" if r["reference_config"] or (family, r["method"]) not in reference else \
+            f"{reference[family, r['method']] / r['ms_per_step']:.1f}x"
+        lines.append(f"| {MODEL_NAMES[family]} | {r['method']} | {config} | {r['ms_per_step']} | {r['real_tokens_per_s']} | "
                      f"{r['min_for_5_epochs']} | {r['peak_gib']} | {100 * r['mfu']:.1f}% | {ratio} |")
     if report["prediction"]:
-        lines += ["", "| prediction of the 50 test rows | new tokens per row | seconds (50 rows) | ms per decode step | peak GiB |",
-                  "| --- | --- | --- | --- | --- |"]
+        lines += ["", "| model | prediction of the 50 test rows | new tokens per row | seconds (50 rows) | ms per decode step | peak GiB |",
+                  "| --- | --- | --- | --- | --- | --- |"]
         for r in report["prediction"]:
             note = "" if r["measured_rows"] == r["rows"] else f" ({r['measured_rows']} rows timed, scaled to 50)"
-            lines.append(f"| {r['prediction']}{note} | {r['new_tokens']} | {r['seconds_for_50']} | "
+            lines.append(f"| {MODEL_NAMES[r.get('family', 'chatglm')]} | {r['prediction']}{note} | {r['new_tokens']} | {r['seconds_for_50']} | "
                          f"{r['ms_per_token_step']} | {r['peak_gib']} |")
     return "\n".join(lines) + "\n"
 
@@ -374,18 +448,25 @@ def main():
     parser.add_argument("--merge", nargs="+", default=None, metavar="JSON", help="merge bench_gpu.json files of "
                         "partial runs into --out")
     parser.add_argument("--tiny", action="store_true", help="a 2-layer model: checks the script, measures nothing")
+    parser.add_argument("--family", choices=["chatglm", "chatglm2"], default="chatglm",
+                        help="ChatGLM-6B, or the ChatGLM2/3-6B size (ChatGLM3-6B has ChatGLM2-6B's shapes)")
+    parser.add_argument("--bucket", type=int, default=None, help="pad each batch's length up to a multiple of this")
+    parser.add_argument("--compile_mode", default=None, choices=["reduce-overhead"],
+                        help="torch.compile mode of the blocks (reduce-overhead: CUDA graphs; use with --bucket)")
+    parser.add_argument("--cuda_graphs", action="store_true", help="with --all: only the bucketed and CUDA-graph "
+                        "variants (an experiment)")
     parser.add_argument("--local_rank", type=int, default=-1)
     args = parser.parse_args()
-    global TINY
-    TINY = args.tiny
+    global TINY, FAMILY
+    TINY, FAMILY = args.tiny, args.family
     if args.all:
         run_all(args.out, args.steps, args.warmup, args.new_tokens, args.single_rows, args.skip_predict,
-                args.prediction_from, args.only.split(",") if args.only else None)
+                args.prediction_from, args.only.split(",") if args.only else None, args.cuda_graphs)
     elif args.merge:
         merge_reports(args.merge, args.out)
     elif args.variant:
         print(json.dumps(run_training_variant(args.variant, args.gc, args.reference, args.steps, args.warmup,
-                                              not args.no_compile)))
+                                              not args.no_compile, args.compile_mode, args.bucket)))
     elif args.predict:
         print(json.dumps(run_prediction(args.new_tokens, args.single_rows)))
     elif args.attention:

@@ -47,3 +47,22 @@ def test_markdown_table_has_ratios_against_the_reference_config():
          "real_tokens_per_s": 1, "min_for_5_epochs": 1, "peak_gib": 1, "mfu": 0.4, "gpu": "X"}]}
     table = bench_gpu.markdown_table(report)
     assert "on X" in table and "| 4.0x |" in table
+
+
+def test_chatglm2_size_variant_runs_and_counts_its_own_layer_weights(tmp_path):
+    env = dict(os.environ, DS_ACCELERATOR="cpu")
+    result = subprocess.run([sys.executable, "bench/bench_gpu.py", "--variant", "pt2", "--tiny", "--steps", "1",
+                             "--warmup", "1", "--no_compile", "--family", "chatglm2", "--bucket", "64"], cwd=ROOT,
+                            env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    row = json.loads(result.stdout.strip().splitlines()[-1])
+    assert row["family"] == "chatglm2" and row["bucket"] == 64 and row["ms_per_step"] > 0
+    bench_gpu.FAMILY = "chatglm2"
+    try:
+        config = bench_gpu.official_config()
+    finally:
+        bench_gpu.FAMILY = "chatglm"
+    assert (config.num_layers, config.hidden_size, config.ffn_hidden_size, config.vocab_size) == (28, 4096, 13696, 65024)
+    # q 4096 + k, v 2 x 2 groups x 128, dense 4096 x 4096, SwiGLU 3 x 4096 x 13696: about 6.2e9 with embeddings
+    assert bench_gpu.layer_weights(config) == 4096 * (4096 + 512) + 4096 * 4096 + 3 * 4096 * 13696
+    assert 6.1e9 < 28 * bench_gpu.layer_weights(config) + 2 * 65024 * 4096 < 6.3e9
