@@ -113,7 +113,9 @@ class SelfAttention(nn.Module):
 
     def attend(self, query, key, value, mask):
         scale = 1.0 / math.sqrt(self.head_dim)
-        causal = mask is None and query.shape[2] == key.shape[2]
+        # the model passes no mask only when attention is plainly causal over as many keys as queries (no cache
+        # yet, no prefix, no padding); a shape comparison here would break torch.compile's graph
+        causal = mask is None
         if self.config._attn_implementation != "eager":
             with sdpa_kernel(SDPA_BACKENDS):
                 return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, is_causal=causal,

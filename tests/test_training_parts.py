@@ -1,8 +1,13 @@
 """Small parts of the training module that the launcher tests do not reach."""
 import argparse
+import os
+import sys
+
+import torch
 
 import pytest
 
+from conftest import ROOT
 from training import check_finite, deepspeed_config, schedule_length
 
 
@@ -45,3 +50,24 @@ def test_epochs_end_on_an_optimizer_step():
     assert schedule_length(args(max_steps=3), Sampler()) == (6, 3)
     with pytest.raises(SystemExit, match="fewer rows than one global batch"):
         schedule_length(args(train_batch_size=20), Sampler())
+
+
+@pytest.mark.parametrize("family", ["chatglm", "chatglm2"])
+def test_blocks_compile_as_one_graph_for_every_length(family):
+    """compile_blocks relies on each block tracing whole: a graph break (as a symbolic `is_causal` once caused on
+    ChatGLM2) silently falls back to eager and made LoRA steps twice as slow on the GPU."""
+    import torch._dynamo
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    import bench_gpu
+    bench_gpu.FAMILY, bench_gpu.TINY = family, True
+    try:
+        config = bench_gpu.official_config()
+        model = bench_gpu.build_model(config, torch.float32).train()
+        batches = bench_gpu.make_batches(bench_gpu.load_profile(), config, 2)
+    finally:
+        bench_gpu.FAMILY, bench_gpu.TINY = "chatglm", False
+    torch._dynamo.reset()
+    for block in model.transformer.encoder.layers if family == "chatglm2" else model.transformer.layers:
+        block.compile(backend="eager", fullgraph=True, dynamic=True)  # fullgraph: a graph break raises
+    for b in batches:
+        model(input_ids=b["input_ids"], labels=b["labels"], loss_only=True).loss.backward()
