@@ -370,7 +370,7 @@ class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin):
         self.lm_head = value
 
     def forward(self, input_ids=None, position_ids=None, attention_mask=None, past_key_values=None,
-                inputs_embeds=None, labels=None, use_cache=None, loss_only=False, **kwargs):
+                inputs_embeds=None, labels=None, use_cache=None, loss_only=False, logits_to_keep=0, **kwargs):
         """`loss_only=True` (training) projects only the positions that have a label: the same loss, no full logits."""
         out = self.transformer(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask,
                                past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache)
@@ -381,12 +381,34 @@ class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin):
             logits = self.lm_head(hidden[:, :-1][keep]).float()
             loss = F.cross_entropy(logits, shift_labels[keep])
             return CausalLMOutputWithPast(loss=loss, logits=None, past_key_values=out.past_key_values)
+        if logits_to_keep and labels is None:  # generation needs only the last positions' logits
+            hidden = hidden[:, -logits_to_keep:]
         logits = self.lm_head(hidden)
         loss = None
         if labels is not None:
             loss = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]),
                                    labels[:, 1:].reshape(-1), ignore_index=-100)
         return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=out.past_key_values)
+
+    # -- the fixed-shape decode step that decoding.py replays as a CUDA graph ------------------------------------
+
+    def decode_position_ids(self, prompt_ids, attention_mask, step):
+        """Positions [batch, 2, 1] of the token fed at decode step `step` (a device tensor; 0 is the first
+        generated token): the [gMASK] position, and block position 2 + step (<sop> had 1)."""
+        pad_len, _, mask_pos = glm_context_info(prompt_ids, attention_mask, self.config)
+        position = (mask_pos - pad_len).clamp(min=0) + self.transformer.num_virtual_tokens
+        return torch.stack([position, (2 + step).expand_as(position)], dim=1)[:, :, None]
+
+    def decode_step(self, input_ids, position_ids, attention_mask, cache):
+        """Logits [batch, vocab] of one new token per row, against a cache of fixed capacity; `attention_mask` is
+        the bool [batch, 1, 1, capacity] of the keys it may see. No host synchronisation, no shape that varies."""
+        t = self.transformer
+        hidden = t.word_embeddings(input_ids)
+        cos, sin = glm_rotary_cos_sin(position_ids, self.config.hidden_size // self.config.num_attention_heads,
+                                      hidden.dtype)
+        for layer in t.layers:
+            hidden = layer(hidden, cos, sin, attention_mask, cache)
+        return self.lm_head(t.final_layernorm(hidden))[:, -1]
 
     def prepare_inputs_for_generation(self, input_ids, past_key_values=None, attention_mask=None, **kwargs):
         """Positions come from the whole sequence so far; only the tokens not yet in the cache are fed."""

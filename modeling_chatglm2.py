@@ -106,6 +106,9 @@ class SelfAttention(nn.Module):
         if past_key_values is not None:
             key, value = past_key_values.update(key, value, self.layer_idx)
         # each group of keys/values serves heads / groups consecutive query heads
+        if seq == 1 and mask is not None:  # decoding: a group's heads become its query rows, the cache is not copied
+            context = self.attend(query.reshape(batch, self.groups, -1, self.head_dim), key, value, mask)
+            return self.dense(context.reshape(batch, 1, -1))
         key = key.repeat_interleave(self.heads // self.groups, dim=1)
         value = value.repeat_interleave(self.heads // self.groups, dim=1)
         context = self.attend(query, key, value, mask)
@@ -285,7 +288,7 @@ class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin):
         self.transformer.output_layer = value
 
     def forward(self, input_ids=None, position_ids=None, attention_mask=None, past_key_values=None,
-                inputs_embeds=None, labels=None, use_cache=None, loss_only=False, **kwargs):
+                inputs_embeds=None, labels=None, use_cache=None, loss_only=False, logits_to_keep=0, **kwargs):
         """`loss_only=True` (training) projects only the positions that have a label: the same loss, no full logits."""
         out = self.transformer(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask,
                                past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache)
@@ -294,12 +297,33 @@ class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin):
             keep = labels[:, 1:] != -100
             loss = F.cross_entropy(head(hidden[:, :-1][keep]).float(), labels[:, 1:][keep])
             return CausalLMOutputWithPast(loss=loss, logits=None, past_key_values=out.past_key_values)
+        if logits_to_keep and labels is None:  # generation needs only the last positions' logits
+            hidden = hidden[:, -logits_to_keep:]
         logits = head(hidden)
         loss = None
         if labels is not None:
             loss = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
                                    ignore_index=-100)
         return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=out.past_key_values)
+
+    # -- the fixed-shape decode step that decoding.py replays as a CUDA graph ------------------------------------
+
+    def decode_position_ids(self, prompt_ids, attention_mask, step):
+        """Positions [batch, 1] of the token fed at decode step `step` (a device tensor; 0 is the first generated
+        token): the row's prompt length (padding not counted) + step, after any soft prompt tokens."""
+        batch, seq = prompt_ids.shape
+        pad = left_padding(attention_mask, batch, prompt_ids.device)
+        return (seq - pad + step + self.transformer.num_virtual_tokens)[:, None]
+
+    def decode_step(self, input_ids, position_ids, attention_mask, cache):
+        """Logits [batch, vocab] of one new token per row, against a cache of fixed capacity; `attention_mask` is
+        the bool [batch, 1, 1, capacity] of the keys it may see. No host synchronisation, no shape that varies."""
+        t = self.transformer
+        hidden = t.embedding(input_ids)
+        cos, sin = rotary_cos_sin(position_ids, self.config.kv_channels, self.config.rope_ratio, hidden.dtype)
+        for layer in t.encoder.layers:
+            hidden = layer(hidden, cos, sin, attention_mask, cache)
+        return t.output_layer(t.encoder.final_layernorm(hidden))[:, -1]
 
     def prepare_inputs_for_generation(self, input_ids, past_key_values=None, attention_mask=None, **kwargs):
         done = self.transformer.cached_tokens(past_key_values)

@@ -44,7 +44,11 @@ def build_parser(method):
     parser.add_argument("--max_len", type=int, default=None, help="default: the training run's (768)")
     parser.add_argument("--max_src_len", type=int, default=None, help="default: the training run's (450)")
     parser.add_argument("--prompt_text", default=None, help="default: the training run's prompt")
-    parser.add_argument("--batch_size", type=int, default=16, help="rows generated together")
+    parser.add_argument("--batch_size", type=int, default=16, help="rows generated together (50 rows of 768 tokens "
+                        "hold about 18 GB of cache on ChatGLM-6B)")
+    parser.add_argument("--decoder", choices=["static", "generate"], default="static",
+                        help="static: preallocated cache, each step one CUDA graph on a GPU; generate: transformers' "
+                             "generate() (slower, same tokens)")
     parser.add_argument("--max_new_tokens", type=int, default=None, help="default: max_len - max_src_len - 3")
     parser.add_argument("--task", choices=["triple", "classification", "generation"], default="triple")
     parser.add_argument("--output_dir", default=None, help="for predictions.jsonl and metrics.json "
@@ -112,20 +116,28 @@ def left_pad(prompts, pad_id):
 
 
 @torch.no_grad()
-def generate(model, tokenizer, prompts, max_new_tokens, batch_size, device, stop_ids, progress=None):
+def generate(model, tokenizer, prompts, max_new_tokens, batch_size, device, stop_ids, progress=None,
+             decoder="static"):
     """Greedy continuation of each prompt (token lists); returns (new token ids up to the stop token) per prompt.
 
     Rows are batched longest first, so that a batch holds rows of similar length, and returned in input order.
+    `decoder`: "static" (decoding.py: preallocated cache, the step a CUDA graph on a GPU) or "generate"
+    (transformers' generate); both give the same tokens.
     """
+    from decoding import greedy_decode
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
     results = [None] * len(prompts)
     for start in range(0, len(order), batch_size):
         chosen = order[start:start + batch_size]
         input_ids, attention_mask = left_pad([prompts[i] for i in chosen], tokenizer.pad_token_id)
-        out = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
-                             max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=stop_ids,
-                             pad_token_id=tokenizer.pad_token_id)
-        for row, i in zip(out[:, input_ids.shape[1]:].tolist(), chosen):
+        input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
+        if decoder == "static":
+            new = greedy_decode(model, input_ids, attention_mask, max_new_tokens, stop_ids)
+        else:
+            new = model.generate(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens,
+                                 do_sample=False, eos_token_id=stop_ids,
+                                 pad_token_id=tokenizer.pad_token_id)[:, input_ids.shape[1]:]
+        for row, i in zip(new.tolist(), chosen):
             ends = [k for k, t in enumerate(row) if t in stop_ids]
             results[i] = row[:ends[0]] if ends else row
         if progress is not None:
@@ -169,7 +181,7 @@ def main(method, argv=None):
     start = time.time()
     with tqdm(total=len(rows), desc="predict", unit="row") as bar:
         new_tokens = generate(model, tokenizer, prompts, args.max_new_tokens, args.batch_size, device,
-                              family.stop_token_ids(tokenizer), bar)
+                              family.stop_token_ids(tokenizer), bar, args.decoder)
     seconds = time.time() - start
     generated = [family.answer_text(tokenizer.decode(t, skip_special_tokens=True)) for t in new_tokens]
     scores, summary = TASKS[args.task](generated, [row.answers for row in rows])

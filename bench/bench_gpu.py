@@ -264,38 +264,51 @@ def make_prompts(profile, config, rows=50):
     return prompts
 
 
-def timed_generate(model, prompts, batch_size, new_tokens, pad_id):
+def timed_generate(model, prompts, batch_size, new_tokens, pad_id, decoder):
+    """Seconds to generate exactly `new_tokens` per prompt (no stop token), `batch_size` rows at a time."""
+    from decoding import greedy_decode
     from prediction import left_pad
+    device = head_of(model).weight.device
     sync()
     start = time.perf_counter()
     for i in range(0, len(prompts), batch_size):
         input_ids, mask = left_pad(prompts[i:i + batch_size], pad_id)
-        device = head_of(model).weight.device
-        model.generate(input_ids=input_ids.to(device), attention_mask=mask.to(device), max_new_tokens=new_tokens,
-                       min_new_tokens=new_tokens, do_sample=False, eos_token_id=None, pad_token_id=pad_id)
+        input_ids, mask = input_ids.to(device), mask.to(device)
+        if decoder == "static":
+            greedy_decode(model, input_ids, mask, new_tokens, stop_ids=[])
+        else:
+            model.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=new_tokens,
+                           min_new_tokens=new_tokens, do_sample=False, eos_token_id=None, pad_token_id=pad_id)
     sync()
     return time.perf_counter() - start
 
 
+PREDICTION_VARIANTS = [  # name, dtype, attention, rows per batch, decoder
+    ("batched, static cache + CUDA graph (ours)", torch.bfloat16, "sdpa", 50, "static"),
+    ("batched, transformers generate()", torch.bfloat16, "sdpa", 50, "generate"),
+    ("one row at a time, static cache + CUDA graph (ours)", torch.bfloat16, "sdpa", 1, "static"),
+    ("one row at a time (reference config: fp16, eager, generate())", torch.float16, "eager", 1, "generate"),
+]
+
+
 def run_prediction(new_tokens, single_rows):
-    """50 test prompts, `new_tokens` generated each: batched in bf16 / SDPA, and one row at a time (ours, and the
-    reference config fp16 / eager) on the first `single_rows` rows, extrapolated to 50."""
+    """50 test prompts, `new_tokens` generated each, in the variants above; one-row-at-a-time variants time the
+    first `single_rows` rows and scale to 50."""
     torch.manual_seed(0)
     config = official_config()
     prompts = make_prompts(load_profile(), config)
     results = []
-    for name, dtype, attention, batch in [("batched (ours)", torch.bfloat16, "sdpa", 50),
-                                          ("one row at a time (ours)", torch.bfloat16, "sdpa", 1),
-                                          ("one row at a time (reference config)", torch.float16, "eager", 1)]:
+    for name, dtype, attention, batch, decoder in PREDICTION_VARIANTS:
         model = build_model(config, dtype).eval()
         model.config._attn_implementation = attention
         rows = prompts if batch > 1 else prompts[:single_rows]
-        timed_generate(model, rows[:2], batch, 8, config.pad_token_id)  # warm-up
-        seconds = timed_generate(model, rows, batch, new_tokens, config.pad_token_id) * len(prompts) / len(rows)
+        timed_generate(model, rows[:2], batch, 8, config.pad_token_id, decoder)  # warm-up
+        seconds = timed_generate(model, rows, batch, new_tokens, config.pad_token_id, decoder) * len(prompts) / len(rows)
         results.append({"family": FAMILY, "prediction": name, "rows": len(prompts), "measured_rows": len(rows),
                         "new_tokens": new_tokens, "seconds_for_50": round(seconds, 1),
                         "ms_per_token_step": round(seconds / (len(prompts) / batch) / new_tokens * 1000, 2),
                         "peak_gib": peak_gib(), "gpu": device_name()})
+        print(json.dumps(results[-1]), flush=True)
         del model
         reset_peak()
     return results
