@@ -21,13 +21,15 @@ class StaticKVCache:
     """Keys and values per layer in buffers of fixed capacity [batch, kv_heads, capacity, head_dim].
 
     While `cursor` is None (the prompt's forward) `update` writes from slot 0 and returns the filled part, as a
-    growing cache would; afterwards it writes the new token at the device tensor `cursor` and returns the whole
-    buffers (the mask hides the slots not yet written)."""
+    growing cache would; afterwards it writes the new token at the device tensor `cursor` and returns the first
+    `visible` slots (a multiple of the bucket size, so that attention reads little more than what is written;
+    the mask hides the slots not yet written)."""
 
     def __init__(self, capacity):
         self.capacity = capacity
         self.keys, self.values = {}, {}
         self.cursor = None
+        self.visible = capacity
 
     def get_seq_length(self, layer_idx=0):
         return 0 if self.cursor is None else self.capacity  # the model asks only before the prompt's forward
@@ -45,7 +47,7 @@ class StaticKVCache:
             return keys[:, :, :n], values[:, :, :n]
         keys.index_copy_(2, self.cursor, key)
         values.index_copy_(2, self.cursor, value)
-        return keys, values
+        return keys[:, :, :self.visible], values[:, :, :self.visible]
 
 
 def leading_keys(model):
@@ -80,9 +82,11 @@ class StaticDecoder:
         self.cache.cursor = torch.full((1,), self.first_slot, dtype=torch.long, device=self.tokens.device)
 
     def step(self):
-        """Feed the last token of each row, write the next one: shapes and memory never change."""
+        """Feed the last token of each row, write the next one: shapes and memory never change (for a given
+        number of visible cache slots)."""
+        visible = self.cache.visible
         positions = self.model.decode_position_ids(self.prompt_ids, self.attention_mask, self.step_index)
-        mask = (self.key_valid & (self.key_index <= self.cache.cursor))[:, None, None, :]
+        mask = (self.key_valid[:, :visible] & (self.key_index[:visible] <= self.cache.cursor))[:, None, None, :]
         logits = self.model.decode_step(self.tokens, positions, mask, self.cache)
         self.tokens.copy_(logits.argmax(-1, keepdim=True))
         self.step_index += 1
@@ -97,34 +101,51 @@ def finished(generated, done_steps, stop_ids):
 
 
 @torch.no_grad()
-def greedy_decode(model, input_ids, attention_mask, max_new_tokens, stop_ids, cuda_graph=None, check_every=16):
+def greedy_decode(model, input_ids, attention_mask, max_new_tokens, stop_ids, cuda_graph=None, check_every=16,
+                  bucket=64):
     """New tokens [batch, <= max_new_tokens] of greedy decoding for a left-padded batch (not cut at the stop
-    tokens; the caller does that). `cuda_graph` defaults to True on a GPU."""
+    tokens; the caller does that). `cuda_graph` defaults to True on a GPU: one graph per `bucket` cache slots."""
     decoder = StaticDecoder(model, input_ids, attention_mask, max_new_tokens)
     decoder.prefill()
     cuda_graph = input_ids.is_cuda if cuda_graph is None else cuda_graph
+    graphs = CapturedSteps(decoder.step) if cuda_graph else None
     done = 1
-    run_step = decoder.step
-    if cuda_graph and max_new_tokens > 2:
-        run_step = capture(decoder.step)  # the capture ran the step once
-        done = 2
     while done < max_new_tokens:
         if stop_ids and done % check_every == 0 and finished(decoder.generated, done, stop_ids):
             break
-        run_step()
+        # step done - 1 writes slot first_slot + done - 1; attention sees the slots up to it, rounded up
+        decoder.cache.visible = min(-(-(decoder.first_slot + done) // bucket) * bucket, decoder.cache.capacity)
+        graphs.run(decoder.cache.visible) if graphs else decoder.step()
         done += 1
     return decoder.generated[:, :done]
 
 
-def capture(step):
-    """Run `step` once on a side stream (warm-up: lazy initialisation, kernel selection), then capture it."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        step()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step()
-    # capturing recorded the step without running it; the warm-up above was the real step
-    return graph.replay
+class CapturedSteps:
+    """The decode step as CUDA graphs, one per number of visible cache slots, captured when first needed.
+
+    The first call warms up on a side stream (lazy initialisation, kernel selection) and so runs the step for
+    real; later captures only record, then replay. The graphs share one memory pool: they never run at once."""
+
+    def __init__(self, step):
+        self.step, self.graphs, self.pool = step, {}, None
+
+    def run(self, key):
+        if key in self.graphs:
+            self.graphs[key].replay()
+            return
+        if not self.graphs:
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                self.step()
+            torch.cuda.current_stream().wait_stream(stream)
+            ran = True
+        else:
+            ran = False
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            self.step()
+        self.pool = graph.pool()
+        self.graphs[key] = graph
+        if not ran:
+            graph.replay()
