@@ -231,11 +231,15 @@ class Seq2SeqDataset(Dataset):
 
 @dataclass
 class PadToLongest:
-    """Collate rows into tensors padded (on the right) to the longest row of the batch."""
+    """Collate rows into tensors padded (on the right) to the longest row of the batch, rounded up to a multiple
+    of `multiple` when given (fewer distinct shapes for compiled kernels)."""
     pad_token_id: int
+    multiple: int = 0
 
     def __call__(self, batch):
         width = max(len(e["input_ids"]) for e in batch)
+        if self.multiple:
+            width = -(-width // self.multiple) * self.multiple
         input_ids = torch.full((len(batch), width), self.pad_token_id, dtype=torch.long)
         labels = torch.full((len(batch), width), -100, dtype=torch.long)
         for i, e in enumerate(batch):

@@ -135,3 +135,21 @@ def test_chatglm3_answer_drops_the_metadata_line():
     assert CHATGLM3.answer_text("\n 大灯_部件故障_不亮") == "大灯_部件故障_不亮"
     assert CHATGLM3.answer_text("大灯_部件故障_不亮") == "大灯_部件故障_不亮"  # no metadata line: kept whole
     assert CHATGLM3.answer_text("tool_call\n{}") == "tool_call\n{}"  # real metadata (a tool call) is kept
+
+
+@pytest.mark.parametrize("family", ["chatglm", "chatglm2", "chatglm3"])
+def test_padding_up_to_a_multiple_leaves_the_loss_unchanged(family_model_dirs, tokenizers, tmp_path, family):
+    import torch
+
+    from data_set import PadToLongest
+    from model_family import FAMILIES, load_model
+    path = write_rows(tmp_path, [{"text": "发动机异响", "answer": "发动机_部件故障_异响"},
+                                 {"text": "大灯不亮，水泵漏水", "answer": "大灯_部件故障_不亮"}])
+    rows = list(Seq2SeqDataset(path, tokenizers[family], FAMILIES[family], 64, 32, "抽取：", log=quiet))
+    model = load_model(family_model_dirs[family]).eval()
+    pad_id = tokenizers[family].pad_token_id
+    tight, padded = PadToLongest(pad_id)(rows), PadToLongest(pad_id, multiple=32)(rows)
+    assert padded["input_ids"].shape[1] == 32 > tight["input_ids"].shape[1]
+    with torch.no_grad():
+        losses = [model(**b, loss_only=True).loss.item() for b in (tight, padded)]
+    assert losses[0] == pytest.approx(losses[1], abs=1e-5)

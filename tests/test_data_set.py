@@ -112,3 +112,9 @@ def test_a_prompt_longer_than_max_src_len_is_an_error(tokenizer, tmp_path):
     path = write(tmp_path, "a.jsonl", json.dumps({"text": "发动机异响", "answer": "x"}) + "\n")
     with pytest.raises(DataError, match="a.jsonl:1: the prompt alone is .* tokens, leaving no room"):
         Seq2SeqDataset(path, tokenizer, CHATGLM6B, 64, 8, "很长的提示" * 10, log=lambda *a: None)
+
+
+def test_batches_pad_up_to_a_multiple_when_asked():
+    batch = PadToLongest(pad_token_id=3, multiple=4)([{"input_ids": [5, 6, 7, 8, 9], "labels": [-100, 6, 7, 8, 9]}])
+    assert batch["input_ids"].tolist() == [[5, 6, 7, 8, 9, 3, 3, 3]]
+    assert batch["labels"].tolist() == [[-100, 6, 7, 8, 9, -100, -100, -100]]
