@@ -414,7 +414,7 @@ MODEL_NAMES = {"chatglm": "ChatGLM-6B", "chatglm2": "ChatGLM2/3-6B"}
 
 def markdown_table(report):
     gpu = (report["training"] or report["prediction"] or [{"gpu": "?"}])[0]["gpu"]
-    lines = [f"Measured {report['date']} on {gpu} by `python bench/bench_gpu.py --all`.", "",
+    lines = [f"Measured {report['date']} on {gpu} with `bench/bench_gpu.py` (commands: bench/results/README.md).", "",
              "| model | method | config | ms/step | real tokens/s | 5 epochs (min) | peak GiB | MFU | speed-up vs reference config |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     reference = {(r.get("family", "chatglm"), r["method"]): r["ms_per_step"] for r in report["training"]
