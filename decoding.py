@@ -105,6 +105,8 @@ def greedy_decode(model, input_ids, attention_mask, max_new_tokens, stop_ids, cu
                   bucket=64):
     """New tokens [batch, <= max_new_tokens] of greedy decoding for a left-padded batch (not cut at the stop
     tokens; the caller does that). `cuda_graph` defaults to True on a GPU: one graph per `bucket` cache slots."""
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
     decoder = StaticDecoder(model, input_ids, attention_mask, max_new_tokens)
     decoder.prefill()
     cuda_graph = input_ids.is_cuda if cuda_graph is None else cuda_graph
