@@ -1,6 +1,6 @@
 """Where a training step and a decode step spend their time on the GPU (torch.profiler tables).
 
-    python bench/profile_step.py [--method lora] [--decode]
+    python bench/profile_step.py [--method lora] [--decode] [--static_decode chatglm|chatglm2]
 
 Times the same LoRA step three ways — plain PyTorch (fused AdamW), through the DeepSpeed engine, and the
 forward alone — then prints the profiler's top operators by host and by GPU time for the DeepSpeed step.
@@ -105,11 +105,48 @@ def decode():
     profile(lambda _: run(16), [None], "decode 16 tokens, sdpa")
 
 
+def static_decode(family, batch=50):
+    """GPU time per kernel of the static decoder's step at batch 50 (run eagerly: a CUDA graph replays the same
+    kernels), for the ChatGLM-6B or ChatGLM2/3-6B size; the prompts have the spo test lengths."""
+    import bench_gpu
+    from decoding import StaticDecoder
+    from prediction import left_pad
+    bench_gpu.FAMILY = family
+    config = bench_gpu.official_config()
+    model = build_model(config, torch.bfloat16).eval()
+    input_ids, mask = left_pad(bench_gpu.make_prompts(load_profile(), config, batch), config.pad_token_id)
+    decoder = StaticDecoder(model, input_ids.cuda(), mask.cuda(), 64)
+    with torch.no_grad():
+        decoder.prefill()
+        decoder.cache.visible = decoder.cache.capacity
+        for _ in range(3):
+            decoder.step()
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(20):
+            decoder.step()
+        torch.cuda.synchronize()
+        print(f"{family} static decode step, batch {batch}, eager: {(time.perf_counter() - start) / 20 * 1000:.1f} ms",
+              flush=True)
+        from torch.profiler import ProfilerActivity, profile as torch_profile
+        with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(5):
+                decoder.step()
+            torch.cuda.synchronize()
+    print(f"== {family} decode step x5: by GPU time")
+    print(prof.key_averages().table(sort_by="self_device_time_total", row_limit=15, max_name_column_width=70))
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--method", default="lora", choices=list(METHODS))
     parser.add_argument("--decode", action="store_true")
+    parser.add_argument("--static_decode", choices=["chatglm", "chatglm2"], default=None,
+                        help="kernel times of the static decoder's step at batch 50 for that model size")
     parser.add_argument("--compile", action="store_true", help="compile the blocks first, as training does on a GPU")
     parser.add_argument("--local_rank", type=int, default=-1)
     args = parser.parse_args()
-    decode() if args.decode else training(args.method, args.compile)
+    if args.static_decode:
+        static_decode(args.static_decode)
+    else:
+        decode() if args.decode else training(args.method, args.compile)
