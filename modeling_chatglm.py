@@ -255,7 +255,27 @@ class ChatGLMPreTrainedModel(NonReentrantCheckpointing, PreTrainedModel):
             module.bias.zero_()
 
 
-class ChatGLMModel(ChatGLMPreTrainedModel):
+class PromptSlots:
+    """Mixin for the base models of both model files: where the trained prompt sits in the cache."""
+
+    @property
+    def num_virtual_tokens(self):
+        """Soft prompt tokens put before the input (embedding-only prompt tuning), else 0."""
+        return self.config.pre_seq_len if (self.config.pre_seq_len and self.config.prompt_embedding_only) else 0
+
+    @property
+    def num_prefix_keys(self):
+        """Per-layer prefix keys (P-Tuning v2), else 0."""
+        return self.config.pre_seq_len if (self.config.pre_seq_len and not self.config.prompt_embedding_only) else 0
+
+    def cached_tokens(self, past_key_values):
+        """How many input tokens the cache already holds (prefix keys and soft prompt tokens not counted)."""
+        if past_key_values is None or past_key_values.get_seq_length() == 0:
+            return 0
+        return past_key_values.get_seq_length() - self.num_prefix_keys - self.num_virtual_tokens
+
+
+class ChatGLMModel(PromptSlots, ChatGLMPreTrainedModel):
     def __init__(self, config: ChatGLMConfig):
         super().__init__(config)
         if config.quantization_bit:
@@ -275,16 +295,6 @@ class ChatGLMModel(ChatGLMPreTrainedModel):
     def set_input_embeddings(self, value):
         self.word_embeddings = value
 
-    @property
-    def num_virtual_tokens(self):
-        """Soft prompt tokens put before the input (embedding-only prompt tuning), else 0."""
-        return self.config.pre_seq_len if (self.config.pre_seq_len and self.config.prompt_embedding_only) else 0
-
-    @property
-    def num_prefix_keys(self):
-        """Per-layer prefix keys (P-Tuning v2), else 0."""
-        return self.config.pre_seq_len if (self.config.pre_seq_len and not self.config.prompt_embedding_only) else 0
-
     def prefix_key_values(self, batch, dtype):
         """Per layer, (key, value) each [batch, heads, pre_seq_len, head_dim]."""
         cfg = self.config
@@ -293,12 +303,6 @@ class ChatGLMModel(ChatGLMPreTrainedModel):
         prefix = self.prefix_dropout(prefix[None].expand(batch, -1, -1, -1, -1))
         prefix = prefix.permute(2, 0, 3, 1, 4)  # [layers * 2, batch, heads, pre_seq_len, head_dim]
         return [(prefix[2 * i], prefix[2 * i + 1]) for i in range(cfg.num_layers)]
-
-    def cached_tokens(self, past_key_values):
-        """How many input tokens the cache already holds (prefix keys and soft prompt tokens not counted)."""
-        if past_key_values is None or past_key_values.get_seq_length() == 0:
-            return 0
-        return past_key_values.get_seq_length() - self.num_prefix_keys - self.num_virtual_tokens
 
     def forward(self, input_ids=None, position_ids=None, attention_mask=None, past_key_values=None,
                 inputs_embeds=None, use_cache=None, **kwargs):

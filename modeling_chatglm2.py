@@ -22,7 +22,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
 from configuration_chatglm2 import ChatGLMConfig
-from modeling_chatglm import (MASKED_SCORE, SDPA_BACKENDS, NonReentrantCheckpointing, first_index,
+from modeling_chatglm import (MASKED_SCORE, SDPA_BACKENDS, NonReentrantCheckpointing, PromptSlots, first_index,
                               keep_torch_default_init)
 
 ROPE_BASE = 10000.0
@@ -192,7 +192,7 @@ class GLMTransformer(nn.Module):
         self.final_layernorm = RMSNorm(config.hidden_size, config.layernorm_epsilon)
 
 
-class ChatGLMModel(ChatGLMPreTrainedModel):
+class ChatGLMModel(PromptSlots, ChatGLMPreTrainedModel):
     def __init__(self, config):
         super().__init__(config)
         self.embedding = Embedding(config)
@@ -208,27 +208,12 @@ class ChatGLMModel(ChatGLMPreTrainedModel):
     def set_input_embeddings(self, value):
         self.embedding.word_embeddings = value
 
-    @property
-    def num_prefix_keys(self):
-        """Per-layer prefix keys (P-Tuning v2), else 0."""
-        return self.config.pre_seq_len if (self.config.pre_seq_len and not self.config.prompt_embedding_only) else 0
-
-    @property
-    def num_virtual_tokens(self):
-        """Soft prompt tokens put before the input (embedding-only prompt), else 0."""
-        return self.config.pre_seq_len if (self.config.pre_seq_len and self.config.prompt_embedding_only) else 0
-
     def prefix_key_values(self, batch, dtype):
         cfg = self.config
         prefix = self.prefix_encoder().to(dtype).view(cfg.pre_seq_len, cfg.num_layers * 2, cfg.multi_query_group_num,
                                                       cfg.kv_channels)
         prefix = self.prefix_dropout(prefix[None].expand(batch, -1, -1, -1, -1)).permute(2, 0, 3, 1, 4)
         return [(prefix[2 * i], prefix[2 * i + 1]) for i in range(cfg.num_layers)]
-
-    def cached_tokens(self, past_key_values):
-        if past_key_values is None or past_key_values.get_seq_length() == 0:
-            return 0
-        return past_key_values.get_seq_length() - self.num_prefix_keys - self.num_virtual_tokens
 
     def forward(self, input_ids=None, position_ids=None, attention_mask=None, past_key_values=None,
                 inputs_embeds=None, use_cache=None, **kwargs):
