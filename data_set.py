@@ -21,6 +21,11 @@ import torch
 from torch.utils.data import Dataset, Sampler
 
 
+def round_up(n, multiple):
+    """`n` rounded up to a multiple of `multiple` (unchanged when `multiple` is 0 or None)."""
+    return -(-n // multiple) * multiple if multiple else n
+
+
 class DataError(ValueError):
     """Bad input data; the message names the file and line."""
 
@@ -237,9 +242,7 @@ class PadToLongest:
     multiple: int = 0
 
     def __call__(self, batch):
-        width = max(len(e["input_ids"]) for e in batch)
-        if self.multiple:
-            width = -(-width // self.multiple) * self.multiple
+        width = round_up(max(len(e["input_ids"]) for e in batch), self.multiple)
         input_ids = torch.full((len(batch), width), self.pad_token_id, dtype=torch.long)
         labels = torch.full((len(batch), width), -100, dtype=torch.long)
         for i, e in enumerate(batch):

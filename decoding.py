@@ -16,6 +16,8 @@ P-Tuning prefixes (they are written into the cache by the prompt's forward) and 
 """
 import torch
 
+from data_set import round_up
+
 
 class StaticKVCache:
     """Keys and values per layer in buffers of fixed capacity [batch, kv_heads, capacity, head_dim].
@@ -116,7 +118,7 @@ def greedy_decode(model, input_ids, attention_mask, max_new_tokens, stop_ids, cu
         if stop_ids and done % check_every == 0 and finished(decoder.generated, done, stop_ids):
             break
         # step done - 1 writes slot first_slot + done - 1; attention sees the slots up to it, rounded up
-        decoder.cache.visible = min(-(-(decoder.first_slot + done) // bucket) * bucket, decoder.cache.capacity)
+        decoder.cache.visible = min(round_up(decoder.first_slot + done, bucket), decoder.cache.capacity)
         graphs.run(decoder.cache.visible) if graphs else decoder.step()
         done += 1
     return decoder.generated[:, :done]

@@ -126,13 +126,10 @@ def random_row(config, length, answer):
     return ids, context
 
 
-def round_up(n, multiple):
-    return -(-n // multiple) * multiple if multiple else n
-
-
 def make_batches(profile, config, n, pad_to=None, seed=0, bucket=None):
     """Batches of two training rows with the spo lengths, padded to their longest row (or `pad_to`, or up to a
     multiple of `bucket`)."""
+    from data_set import round_up
     rng = random.Random(seed)
     rows = list(zip(profile["train_lengths"], profile["train_label_tokens"]))
     batches = []

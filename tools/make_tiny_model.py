@@ -18,6 +18,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from configuration_chatglm import ChatGLMConfig  # noqa: E402
+from data_set import round_up  # noqa: E402
 from configuration_chatglm2 import ChatGLMConfig as ChatGLM2Config  # noqa: E402
 from modeling_chatglm import ChatGLMForConditionalGeneration, ROPE_BASE  # noqa: E402
 from modeling_chatglm2 import ChatGLMForConditionalGeneration as ChatGLM2ForConditionalGeneration  # noqa: E402
@@ -107,7 +108,7 @@ def tokenizer_and_config(family, output_dir, texts, vocab_pieces, num_image_toke
     tokenizer = ChatGLM2Tokenizer(sp_path, role_tokens=family == "chatglm3")
     tokenizer.save_pretrained(output_dir)
     return ChatGLM2Config(
-        padded_vocab_size=-(-tokenizer.vocab_size // 64) * 64,  # padded like the official 65,024
+        padded_vocab_size=round_up(tokenizer.vocab_size, 64),  # padded like the official 65,024
         hidden_size=hidden_size, num_layers=num_layers, num_attention_heads=num_attention_heads,
         kv_channels=hidden_size // num_attention_heads, ffn_hidden_size=inner_hidden_size, multi_query_group_num=2,
         seq_length=max_sequence_length, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
