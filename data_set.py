@@ -237,9 +237,11 @@ class Seq2SeqDataset(Dataset):
 @dataclass
 class PadToLongest:
     """Collate rows into tensors padded (on the right) to the longest row of the batch, rounded up to a multiple
-    of `multiple` when given (fewer distinct shapes for compiled kernels)."""
+    of `multiple` when given (fewer distinct shapes for compiled kernels). With `with_label_positions`, also
+    `label_positions` (see `labelled_positions`), padded to that multiple too."""
     pad_token_id: int
     multiple: int = 0
+    with_label_positions: bool = False
 
     def __call__(self, batch):
         width = round_up(max(len(e["input_ids"]) for e in batch), self.multiple)
@@ -248,7 +250,19 @@ class PadToLongest:
         for i, e in enumerate(batch):
             input_ids[i, :len(e["input_ids"])] = torch.tensor(e["input_ids"])
             labels[i, :len(e["labels"])] = torch.tensor(e["labels"])
-        return {"input_ids": input_ids, "labels": labels}
+        collated = {"input_ids": input_ids, "labels": labels}
+        if self.with_label_positions:
+            collated["label_positions"] = labelled_positions(labels, self.multiple)
+        return collated
+
+
+def labelled_positions(labels, multiple=0):
+    """Flat indices into [batch, seq - 1] of the positions whose next token has a label, padded with -1 up to a
+    multiple of `multiple`: the model's loss selects these without asking the GPU how many there are."""
+    flat = (labels[:, 1:] != -100).reshape(-1).nonzero().squeeze(1)
+    padded = torch.full((round_up(len(flat), multiple),), -1, dtype=torch.long)
+    padded[:len(flat)] = flat
+    return padded
 
 
 class EpochSampler(Sampler):

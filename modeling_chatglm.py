@@ -105,6 +105,22 @@ def glm_rotary_cos_sin(position_ids, head_dim, dtype):
     return angles.cos().to(dtype), angles.sin().to(dtype)
 
 
+def labelled_token_loss(head, hidden, labels, label_positions=None):
+    """Mean cross-entropy of every labelled next token; only those positions go through the LM head.
+
+    Selecting them with a boolean mask makes the host wait for the GPU to count them. `label_positions` (from
+    `data_set.labelled_positions`: flat indices into [batch, seq - 1], padded with -1) is that selection made on
+    the CPU beforehand, at a size fixed per batch shape, so the step can be captured as a CUDA graph."""
+    shift_labels = labels[:, 1:]
+    if label_positions is None:
+        keep = shift_labels != -100
+        return F.cross_entropy(head(hidden[:, :-1][keep]).float(), shift_labels[keep])
+    index = label_positions.clamp(min=0)
+    rows, cols = index // shift_labels.shape[1], index % shift_labels.shape[1]
+    targets = torch.where(label_positions >= 0, shift_labels[rows, cols], -100)
+    return F.cross_entropy(head(hidden[rows, cols]).float(), targets, ignore_index=-100)
+
+
 def rotate_halves(x):
     """rotate_half applied separately to each half of the head (the two rotary dimensions)."""
     x1, x2, x3, x4 = x.chunk(4, dim=-1)
@@ -374,16 +390,15 @@ class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin):
         self.lm_head = value
 
     def forward(self, input_ids=None, position_ids=None, attention_mask=None, past_key_values=None,
-                inputs_embeds=None, labels=None, use_cache=None, loss_only=False, logits_to_keep=0, **kwargs):
-        """`loss_only=True` (training) projects only the positions that have a label: the same loss, no full logits."""
+                inputs_embeds=None, labels=None, use_cache=None, loss_only=False, logits_to_keep=0,
+                label_positions=None, **kwargs):
+        """`loss_only=True` (training) projects only the positions that have a label: the same loss, no full logits
+        (`label_positions`: those positions chosen beforehand, see `labelled_token_loss`)."""
         out = self.transformer(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask,
                                past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache)
         hidden = out.last_hidden_state
         if labels is not None and loss_only:
-            shift_labels = labels[:, 1:]
-            keep = shift_labels != -100
-            logits = self.lm_head(hidden[:, :-1][keep]).float()
-            loss = F.cross_entropy(logits, shift_labels[keep])
+            loss = labelled_token_loss(self.lm_head, hidden, labels, label_positions)
             return CausalLMOutputWithPast(loss=loss, logits=None, past_key_values=out.past_key_values)
         if logits_to_keep and labels is None:  # generation needs only the last positions' logits
             hidden = hidden[:, -logits_to_keep:]

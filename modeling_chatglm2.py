@@ -23,7 +23,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 
 from configuration_chatglm2 import ChatGLMConfig
 from modeling_chatglm import (MASKED_SCORE, SDPA_BACKENDS, NonReentrantCheckpointing, PromptSlots, first_index,
-                              keep_torch_default_init)
+                              keep_torch_default_init, labelled_token_loss)
 
 ROPE_BASE = 10000.0
 
@@ -273,14 +273,15 @@ class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin):
         self.transformer.output_layer = value
 
     def forward(self, input_ids=None, position_ids=None, attention_mask=None, past_key_values=None,
-                inputs_embeds=None, labels=None, use_cache=None, loss_only=False, logits_to_keep=0, **kwargs):
-        """`loss_only=True` (training) projects only the positions that have a label: the same loss, no full logits."""
+                inputs_embeds=None, labels=None, use_cache=None, loss_only=False, logits_to_keep=0,
+                label_positions=None, **kwargs):
+        """`loss_only=True` (training) projects only the positions that have a label: the same loss, no full logits
+        (`label_positions`: those positions chosen beforehand, see `labelled_token_loss`)."""
         out = self.transformer(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask,
                                past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache)
         hidden, head = out.last_hidden_state, self.transformer.output_layer
         if labels is not None and loss_only:
-            keep = labels[:, 1:] != -100
-            loss = F.cross_entropy(head(hidden[:, :-1][keep]).float(), labels[:, 1:][keep])
+            loss = labelled_token_loss(head, hidden, labels, label_positions)
             return CausalLMOutputWithPast(loss=loss, logits=None, past_key_values=out.past_key_values)
         if logits_to_keep and labels is None:  # generation needs only the last positions' logits
             hidden = hidden[:, -logits_to_keep:]
