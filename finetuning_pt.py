@@ -25,10 +25,11 @@ class PTuning(Method):
                             help="encode the prefix through a two-layer MLP (P-Tuning v2 with projection)")
         parser.add_argument("--prompt_embedding_only", action="store_true",
                             help="soft prompt embeddings at the input only (P-Tuning v1), not per-layer keys/values")
+        parser.add_argument("--prefix_dropout", type=float, default=0.1, help="dropout on the prompt while training")
 
     def config_overrides(self, args):
         return {"pre_seq_len": args.pre_seq_len, "prefix_projection": args.prefix_projection,
-                "prompt_embedding_only": args.prompt_embedding_only}
+                "prompt_embedding_only": args.prompt_embedding_only, "prefix_dropout": args.prefix_dropout}
 
     def prepare(self, model, args, family):
         for name, parameter in model.named_parameters():

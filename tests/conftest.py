@@ -37,10 +37,11 @@ def family_model_dirs(tiny_model_dir, tmp_path_factory):
     return folders
 
 
-def launch(script, *args, launcher=True, timeout=900, check=True, ranks=1):
-    """Run one of the suite's scripts as a user would: through the deepspeed launcher (CPU accelerator) or python."""
+def launch(script, *args, launcher=True, timeout=900, check=True, ranks=1, accelerator="cpu"):
+    """Run one of the suite's scripts as a user would: through the deepspeed launcher (CPU accelerator unless
+    told) or python."""
     import subprocess
-    env = dict(os.environ, DS_ACCELERATOR="cpu", PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false")
+    env = dict(os.environ, DS_ACCELERATOR=accelerator, PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false")
     path = os.path.join(ROOT, script)
     command = (["deepspeed", "--num_gpus", str(ranks), path] if launcher else [sys.executable, path]) + \
         [str(a) for a in args]

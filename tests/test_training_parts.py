@@ -8,7 +8,7 @@ import torch
 import pytest
 
 from conftest import ROOT
-from training import check_finite, deepspeed_config, schedule_length
+from training import check_finite, deepspeed_config, resolve_cuda_graphs, schedule_length
 
 
 @pytest.mark.parametrize("value", [float("nan"), float("inf")])
@@ -33,6 +33,27 @@ def test_deepspeed_config_is_built_from_the_arguments():
     assert config["gradient_clipping"] == 1.0
     assert config["zero_optimization"] == {"stage": 2, "offload_optimizer": {"device": "cpu", "pin_memory": True}}
     assert config["fp16"]["enabled"] and config["fp16"]["loss_scale"] == 0 and "bf16" not in config
+
+
+def test_bf16_skips_deepspeeds_per_gradient_overflow_check():
+    config = deepspeed_config(args(precision="bf16", offload=False), world_size=1)
+    assert config["bf16"] == {"enabled": True, "check_grad_overflow": False} and "fp16" not in config
+
+
+@pytest.mark.parametrize("device, overrides, expected", [
+    ("cuda", {}, True), ("cpu", {}, False), ("cuda", {"gradient_checkpointing": True}, False),
+    ("cuda", {"zero_stage": 3}, False), ("cuda", {"cuda_graphs": False}, False)])
+def test_cuda_graphs_default_to_on_where_a_captured_step_works(device, overrides, expected):
+    options = args(**{"cuda_graphs": None, "gradient_checkpointing": False, "zero_stage": 1, **overrides})
+    assert resolve_cuda_graphs(options, torch.device(device)) is expected
+
+
+@pytest.mark.parametrize("device, overrides", [("cpu", {}), ("cuda", {"gradient_checkpointing": True}),
+                                               ("cuda", {"zero_stage": 3})])
+def test_asking_for_cuda_graphs_where_they_cannot_work_is_a_clear_error(device, overrides):
+    options = args(**{"cuda_graphs": True, "gradient_checkpointing": False, "zero_stage": 1, **overrides})
+    with pytest.raises(SystemExit, match="--cuda_graphs cannot be used here"):
+        resolve_cuda_graphs(options, torch.device(device))
 
 
 def test_ds_config_file_overrides(tmp_path):
