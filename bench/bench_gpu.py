@@ -15,7 +15,8 @@ logits; prediction one row at a time.
     python bench/bench_gpu.py --variant lora [--gc] [--reference]   # one training variant, one JSON line
     python bench/bench_gpu.py --predict | --attention             # prediction / attention comparison
     python bench/bench_gpu.py --all --family chatglm2              # the ChatGLM2/3-6B size (LoRA, P-Tuning v2)
-    python bench/bench_gpu.py --all --cuda_graphs --skip_predict   # experiment: padded lengths, CUDA-graphed blocks
+    python bench/bench_gpu.py --variant lora --step_graphs          # forward+backward replayed as CUDA graphs
+    python bench/bench_gpu.py --all --block_graph_variants --skip_predict  # earlier experiment: CUDA-graphed blocks
 
 FLOPs are counted per batch from the matrix shapes (see `train_flops`); MFU = FLOPs / time / 989 TFLOP/s
 (H100 SXM dense bf16; an H200 has the same peak).
@@ -126,15 +127,17 @@ def random_row(config, length, answer):
     return ids, context
 
 
-def make_batches(profile, config, n, pad_to=None, seed=0, bucket=None):
+def make_batches(profile, config, n, pad_to=None, seed=0, bucket=None, group_by_length=False):
     """Batches of two training rows with the spo lengths, padded to their longest row (or `pad_to`, or up to a
-    multiple of `bucket`)."""
-    from data_set import round_up
+    multiple of `bucket`): random pairs, or with `group_by_length` the pairs the training sampler makes with
+    --group_by_length."""
+    from data_set import EpochSampler, round_up
     rng = random.Random(seed)
     rows = list(zip(profile["train_lengths"], profile["train_label_tokens"]))
+    grouped = list(EpochSampler(profile["train_lengths"], 2, seed, group_by_length=True)) if group_by_length else []
     batches = []
-    for _ in range(n):
-        pair = rng.sample(rows, 2)
+    for i in range(n):
+        pair = [rows[j] for j in grouped[2 * i:2 * i + 2]] if group_by_length else rng.sample(rows, 2)
         width = pad_to or round_up(max(length for length, _ in pair), bucket)
         input_ids = torch.full((2, width), config.pad_token_id, dtype=torch.long)
         labels = torch.full((2, width), -100, dtype=torch.long)
@@ -186,8 +189,9 @@ def train_flops(batch, config, method, trainable_layers):
 
 
 def run_training_variant(method, gradient_checkpointing, reference, steps, warmup, compile_blocks_=True,
-                         compile_mode=None, bucket=None):
+                         compile_mode=None, bucket=None, step_graphs=False, group_by_length=False):
     from model_family import FAMILIES
+    from data_set import labelled_positions
     from training import build_engine, compile_blocks, setup_distributed
     spec = METHODS[method]
     _, _, device = setup_distributed()
@@ -213,20 +217,31 @@ def run_training_variant(method, gradient_checkpointing, reference, steps, warmu
         compile_blocks(model, compile_mode)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     engine = build_engine(model, args, 1, device, total_steps=10_000)
-    batches = make_batches(load_profile(), config, warmup + steps, pad_to=768 if reference else None, bucket=bucket)
+    if step_graphs:
+        bucket = bucket or 64
+    batches = make_batches(load_profile(), config, warmup + steps, pad_to=768 if reference else None, bucket=bucket,
+                           group_by_length=group_by_length)
     for b in batches:
         b["padded"], b["full_logits"] = reference, reference
+        if step_graphs:
+            b["label_positions"] = labelled_positions(b["labels"], bucket)
     reset_peak()
+    if step_graphs:
+        from training_graphs import TrainingGraphs
+        graphs = TrainingGraphs(engine.module, device)
+        batch_loss = lambda b: graphs({k: b[k] for k in ("input_ids", "labels", "label_positions")})
+    else:
+        batch_loss = lambda b: engine(input_ids=b["input_ids"].to(device), labels=b["labels"].to(device),
+                                      loss_only=not reference).loss
 
     def step(b):
-        loss = engine(input_ids=b["input_ids"].to(device), labels=b["labels"].to(device),
-                      loss_only=not reference).loss
-        engine.backward(loss)
+        engine.backward(batch_loss(b))
         engine.step()
     warm = batches[:warmup]
-    if bucket:  # every padded length the timed steps will see, twice (compilation, then CUDA graph recording)
-        widths = {b["input_ids"].shape[1]: b for b in batches[warmup:]}
-        warm += [b for b in widths.values() for _ in range(2)]
+    if bucket:  # every batch shape the timed steps will see, twice (compilation, then CUDA graph recording)
+        shapes = {tuple(b[k].shape[-1] for k in ("input_ids", "label_positions") if k in b): b
+                  for b in batches[warmup:]}
+        warm += [b for b in shapes.values() for _ in range(1 if step_graphs else 2)]
     for b in warm:
         step(b)
     sync()
@@ -235,16 +250,35 @@ def run_training_variant(method, gradient_checkpointing, reference, steps, warmu
         step(b)
     sync()
     seconds = (time.perf_counter() - start) / steps
+    phases = step_phases(step, batches[warmup:], engine, batch_loss)
     measured = batches[warmup:]
     real_tokens = sum(b["real_tokens"] for b in measured) / steps
     flops = sum(train_flops(b, config, method, 5) for b in measured) / steps
     steps_per_epoch = REFERENCE_EPOCH_ROWS // 2
     return {"family": FAMILY, "method": method, "gradient_checkpointing": gradient_checkpointing,
             "reference_config": reference, "compiled": compiled, "compile_mode": compile_mode, "bucket": bucket,
+            "step_graphs": step_graphs, "group_by_length": group_by_length, "synced_phases_ms": phases,
             "trainable_params": trainable, "ms_per_step": round(seconds * 1000, 1),
             "real_tokens_per_s": round(real_tokens / seconds), "s_per_epoch": round(seconds * steps_per_epoch, 1),
             "min_for_5_epochs": round(seconds * steps_per_epoch * 5 / 60, 2),
             "peak_gib": peak_gib(), "mfu": round(flops / seconds / PEAK_FLOPS, 3), "gpu": device_name()}
+
+
+def step_phases(step, batches, engine, batch_loss):
+    """Milliseconds per step of forward+backward and of DeepSpeed's optimizer step, each timed with the GPU
+    drained before and after (so host and GPU time do not overlap: the sum exceeds a free-running step)."""
+    forward_backward = optimizer = 0.0
+    for b in batches:
+        sync()
+        t0 = time.perf_counter()
+        engine.backward(batch_loss(b))
+        sync()
+        t1 = time.perf_counter()
+        engine.step()
+        sync()
+        forward_backward, optimizer = forward_backward + t1 - t0, optimizer + time.perf_counter() - t1
+    return {"forward_backward": round(forward_backward / len(batches) * 1000, 1),
+            "optimizer_step": round(optimizer / len(batches) * 1000, 1)}
 
 
 def make_prompts(profile, config, rows=50):
@@ -422,7 +456,9 @@ def markdown_table(report):
             ("ours" + (", grad. checkpointing" if r["gradient_checkpointing"] else "")
              + ("" if r.get("compiled", True) else ", not compiled")
              + (f", lengths padded to x{r['bucket']}" if r.get("bucket") else "")
-             + (", blocks as CUDA graphs" if r.get("compile_mode") == "reduce-overhead" else ""))
+             + (", blocks as CUDA graphs" if r.get("compile_mode") == "reduce-overhead" else "")
+             + (", step as CUDA graphs" if r.get("step_graphs") else "")
+             + (", --group_by_length" if r.get("group_by_length") else ""))
         ratio = "" if r["reference_config"] or (family, r["method"]) not in reference else \
             f"{reference[family, r['method']] / r['ms_per_step']:.1f}x"
         lines.append(f"| {MODEL_NAMES[family]} | {r['method']} | {config} | {r['ms_per_step']} | {r['real_tokens_per_s']} | "
@@ -463,20 +499,25 @@ def main():
     parser.add_argument("--bucket", type=int, default=None, help="pad each batch's length up to a multiple of this")
     parser.add_argument("--compile_mode", default=None, choices=["reduce-overhead"],
                         help="torch.compile mode of the blocks (reduce-overhead: CUDA graphs; use with --bucket)")
-    parser.add_argument("--cuda_graphs", action="store_true", help="with --all: only the bucketed and CUDA-graph "
-                        "variants (an experiment)")
+    parser.add_argument("--block_graph_variants", action="store_true", help="with --all: only the bucketed and "
+                        "per-block CUDA-graph variants (an earlier experiment)")
+    parser.add_argument("--step_graphs", action="store_true", help="replay each step's forward and backward as "
+                        "CUDA graphs (training_graphs.py; lengths padded to a multiple of --bucket, default 64)")
+    parser.add_argument("--group_by_length", action="store_true", help="pair rows as the training scripts' "
+                        "--group_by_length does (less padding) instead of at random")
     parser.add_argument("--local_rank", type=int, default=-1)
     args = parser.parse_args()
     global TINY, FAMILY
     TINY, FAMILY = args.tiny, args.family
     if args.all:
         run_all(args.out, args.steps, args.warmup, args.new_tokens, args.single_rows, args.skip_predict,
-                args.prediction_from, args.only.split(",") if args.only else None, args.cuda_graphs)
+                args.prediction_from, args.only.split(",") if args.only else None, args.block_graph_variants)
     elif args.merge:
         merge_reports(args.merge, args.out)
     elif args.variant:
         print(json.dumps(run_training_variant(args.variant, args.gc, args.reference, args.steps, args.warmup,
-                                              not args.no_compile, args.compile_mode, args.bucket)))
+                                              not args.no_compile, args.compile_mode, args.bucket,
+                                              args.step_graphs, args.group_by_length)))
     elif args.predict:
         print(json.dumps(run_prediction(args.new_tokens, args.single_rows)))
     elif args.attention:
