@@ -25,12 +25,17 @@ class StaticKVCache:
     While `cursor` is None (the prompt's forward) `update` writes from slot 0 and returns the filled part, as a
     growing cache would; afterwards it writes the new token at the device tensor `cursor` and returns the first
     `visible` slots (a multiple of the bucket size, so that attention reads little more than what is written;
-    the mask hides the slots not yet written)."""
+    the mask hides the slots not yet written).
 
-    def __init__(self, capacity):
-        self.capacity = capacity
+    A prompt's forward may also cover some rows only, cut to their own longest prompt (`prompt_rows` = (row
+    indices, slots cut off the left)): the `leading` prompt slots (prefix keys, soft tokens) go first, the tokens
+    where the whole left-padded batch has them."""
+
+    def __init__(self, capacity, batch=None, leading=0):
+        self.capacity, self.batch, self.leading = capacity, batch, leading
         self.keys, self.values = {}, {}
         self.cursor = None
+        self.prompt_rows = None
         self.visible = capacity
 
     def get_seq_length(self, layer_idx=0):
@@ -38,10 +43,17 @@ class StaticKVCache:
 
     def update(self, key, value, layer_idx, cache_kwargs=None):
         if layer_idx not in self.keys:
-            shape = (key.shape[0], key.shape[1], self.capacity, key.shape[3])
+            shape = (self.batch or key.shape[0], key.shape[1], self.capacity, key.shape[3])
             self.keys[layer_idx] = key.new_zeros(shape)
             self.values[layer_idx] = value.new_zeros(shape)
         keys, values = self.keys[layer_idx], self.values[layer_idx]
+        if self.cursor is None and self.prompt_rows is not None:
+            rows, cut = self.prompt_rows
+            lead, end = self.leading, cut + key.shape[2]  # the tokens end where the batch's prompts end
+            for buffer, new in ((keys, key), (values, value)):
+                buffer[rows, :, :lead] = new[:, :, :lead]
+                buffer[rows, :, lead + cut:end] = new[:, :, lead:]
+            return key, value
         if self.cursor is None:
             n = key.shape[2]
             keys[:, :, :n].copy_(key)
@@ -66,7 +78,7 @@ class StaticDecoder:
         device = input_ids.device
         self.model, self.prompt_ids, self.attention_mask = model, input_ids, attention_mask
         leading = leading_keys(model)
-        self.cache = StaticKVCache(leading + seq + max_new_tokens)
+        self.cache = StaticKVCache(leading + seq + max_new_tokens, batch, leading)
         self.key_valid = torch.ones(batch, self.cache.capacity, dtype=torch.bool, device=device)
         self.key_valid[:, leading:leading + seq] = attention_mask.bool()
         self.key_index = torch.arange(self.cache.capacity, device=device)
@@ -75,11 +87,25 @@ class StaticDecoder:
         self.step_index = torch.zeros(1, dtype=torch.long, device=device)
         self.first_slot = leading + seq
 
-    def prefill(self):
-        """The prompt's forward: fills the cache, returns the first generated token of each row."""
-        logits = self.model(input_ids=self.prompt_ids, attention_mask=self.attention_mask,
-                            past_key_values=self.cache, use_cache=True, logits_to_keep=1).logits[:, -1]
-        self.tokens.copy_(logits.argmax(-1, keepdim=True))
+    def prefill(self, group_rows=None):
+        """The prompt's forward: fills the cache and the first generated token of each row.
+
+        With `group_rows`, rows of similar prompt length go through together, each group cut to its own longest
+        prompt: the batch is left-padded to its longest, and that padding costs as much compute as real tokens
+        (the 50 spo test prompts: 221 tokens on average, 452 at most)."""
+        batch, seq = self.prompt_ids.shape
+        lengths = self.attention_mask.sum(dim=1).tolist()
+        by_length = sorted(range(batch), key=lambda i: -lengths[i])
+        group_rows = group_rows or batch
+        for start in range(0, batch, group_rows):
+            rows = by_length[start:start + group_rows]
+            cut = seq - max(lengths[i] for i in rows)
+            index = torch.tensor(rows, device=self.prompt_ids.device)
+            self.cache.prompt_rows = (index, cut)
+            logits = self.model(input_ids=self.prompt_ids[index, cut:], attention_mask=self.attention_mask[index, cut:],
+                                past_key_values=self.cache, use_cache=True, logits_to_keep=1).logits[:, -1]
+            self.tokens[index] = logits.argmax(-1, keepdim=True)
+        self.cache.prompt_rows = None
         self.generated[:, :1].copy_(self.tokens)
         self.cache.cursor = torch.full((1,), self.first_slot, dtype=torch.long, device=self.tokens.device)
 
@@ -104,13 +130,14 @@ def finished(generated, done_steps, stop_ids):
 
 @torch.no_grad()
 def greedy_decode(model, input_ids, attention_mask, max_new_tokens, stop_ids, cuda_graph=None, check_every=16,
-                  bucket=64):
+                  bucket=64, prefill_rows=13):
     """New tokens [batch, <= max_new_tokens] of greedy decoding for a left-padded batch (not cut at the stop
-    tokens; the caller does that). `cuda_graph` defaults to True on a GPU: one graph per `bucket` cache slots."""
+    tokens; the caller does that). `cuda_graph` defaults to True on a GPU: one graph per `bucket` cache slots.
+    The prompts go through `prefill_rows` at a time, by length (13: four groups for the 50 spo test rows)."""
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
     decoder = StaticDecoder(model, input_ids, attention_mask, max_new_tokens)
-    decoder.prefill()
+    decoder.prefill(prefill_rows)
     cuda_graph = input_ids.is_cuda if cuda_graph is None else cuda_graph
     graphs = CapturedSteps(decoder.step) if cuda_graph else None
     done = 1

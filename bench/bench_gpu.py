@@ -295,7 +295,7 @@ def make_prompts(profile, config, rows=50):
     return prompts
 
 
-def timed_generate(model, prompts, batch_size, new_tokens, pad_id, decoder):
+def timed_generate(model, prompts, batch_size, new_tokens, pad_id, decoder, prefill_rows=13):
     """Seconds to generate exactly `new_tokens` per prompt (no stop token), `batch_size` rows at a time."""
     from decoding import greedy_decode
     from prediction import left_pad
@@ -306,7 +306,7 @@ def timed_generate(model, prompts, batch_size, new_tokens, pad_id, decoder):
         input_ids, mask = left_pad(prompts[i:i + batch_size], pad_id)
         input_ids, mask = input_ids.to(device), mask.to(device)
         if decoder == "static":
-            greedy_decode(model, input_ids, mask, new_tokens, stop_ids=[])
+            greedy_decode(model, input_ids, mask, new_tokens, stop_ids=[], prefill_rows=prefill_rows)
         else:
             model.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=new_tokens,
                            min_new_tokens=new_tokens, do_sample=False, eos_token_id=None, pad_token_id=pad_id)
@@ -322,21 +322,26 @@ PREDICTION_VARIANTS = [  # name, dtype, attention, rows per batch, decoder
 ]
 
 
-def run_prediction(new_tokens, single_rows):
-    """50 test prompts, `new_tokens` generated each, in the variants above; one-row-at-a-time variants time the
-    first `single_rows` rows and scale to 50."""
+def run_prediction(new_tokens, single_rows, matching=None, prefill_rows=13):
+    """50 test prompts, `new_tokens` generated each, in the variants above (those whose name contains `matching`);
+    one-row-at-a-time variants time the first `single_rows` rows and scale to 50. `prefill_rows`: the static
+    decoder's prompt groups (50: the whole batch in one forward)."""
     torch.manual_seed(0)
     config = official_config()
     prompts = make_prompts(load_profile(), config)
     results = []
     for name, dtype, attention, batch, decoder in PREDICTION_VARIANTS:
+        if matching and matching not in name:
+            continue
         model = build_model(config, dtype).eval()
         model.config._attn_implementation = attention
         rows = prompts if batch > 1 else prompts[:single_rows]
-        timed_generate(model, rows[:2], batch, 8, config.pad_token_id, decoder)  # warm-up
-        seconds = timed_generate(model, rows, batch, new_tokens, config.pad_token_id, decoder) * len(prompts) / len(rows)
+        timed_generate(model, rows[:2], batch, 8, config.pad_token_id, decoder, prefill_rows)  # warm-up
+        seconds = timed_generate(model, rows, batch, new_tokens, config.pad_token_id, decoder,
+                                 prefill_rows) * len(prompts) / len(rows)
         results.append({"family": FAMILY, "prediction": name, "rows": len(prompts), "measured_rows": len(rows),
-                        "new_tokens": new_tokens, "seconds_for_50": round(seconds, 1),
+                        "prefill_rows": prefill_rows if decoder == "static" else None,
+                        "new_tokens": new_tokens, "seconds_for_50": round(seconds, 2),
                         "ms_per_token_step": round(seconds / (len(prompts) / batch) / new_tokens * 1000, 2),
                         "peak_gib": peak_gib(), "gpu": device_name()})
         print(json.dumps(results[-1]), flush=True)
@@ -505,6 +510,10 @@ def main():
                         "CUDA graphs (training_graphs.py; lengths padded to a multiple of --bucket, default 64)")
     parser.add_argument("--group_by_length", action="store_true", help="pair rows as the training scripts' "
                         "--group_by_length does (less padding) instead of at random")
+    parser.add_argument("--variants_matching", default=None, help="with --predict: only the variants whose name "
+                        "contains this text")
+    parser.add_argument("--prefill_rows", type=int, default=13, help="with --predict: prompts per prefill forward "
+                        "of the static decoder (grouped by length; 50 = all at once)")
     parser.add_argument("--local_rank", type=int, default=-1)
     args = parser.parse_args()
     global TINY, FAMILY
@@ -519,7 +528,8 @@ def main():
                                               not args.no_compile, args.compile_mode, args.bucket,
                                               args.step_graphs, args.group_by_length)))
     elif args.predict:
-        print(json.dumps(run_prediction(args.new_tokens, args.single_rows)))
+        print(json.dumps(run_prediction(args.new_tokens, args.single_rows, args.variants_matching,
+                                        args.prefill_rows)))
     elif args.attention:
         print(json.dumps(run_attention_comparison()))
     else:

@@ -29,6 +29,10 @@ def test_static_decoding_equals_generate(family_model_dirs, untied_model_dir, fa
                               eos_token_id=None, pad_token_id=0)[:, input_ids.shape[1]:]
     got = greedy_decode(model, input_ids, attention_mask, 12, stop_ids=[], bucket=4)  # the visible cache grows by 4
     assert got.tolist() == expected.tolist()
+    # prompts in groups by length, each cut to its own longest (the longest row alone, then the two shorter)
+    grouped = greedy_decode(model, input_ids, attention_mask, 12, stop_ids=[], bucket=4, prefill_rows=1)
+    assert grouped.tolist() == expected.tolist()
+    assert greedy_decode(model, input_ids, attention_mask, 12, stop_ids=[], prefill_rows=2).tolist() == expected.tolist()
     assert len(set(got[1].tolist())) > 3  # informative: not one token repeated
 
 
