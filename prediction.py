@@ -15,6 +15,7 @@ import torch
 from training import DEFAULT_PROMPT, TRAINING_ARGS_FILE, latest_checkpoint
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+PARTIAL_FILE = "predictions.partial.jsonl"  # each batch's tokens as soon as they exist; removed when all are written
 
 
 class PredictMethod:
@@ -55,6 +56,8 @@ def build_parser(method):
                         "(default: the checkpoint folder)")
     parser.add_argument("--mode", default=None, help="model family, if not the one read from the model folder")
     parser.add_argument("--skip_bad_rows", action="store_true", help="skip and count bad rows instead of stopping")
+    parser.add_argument("--resume", action="store_true", help=f"keep the rows an interrupted run left in "
+                        f"{PARTIAL_FILE} (in the output folder) and generate only the others")
     method.add_arguments(parser)
     return parser
 
@@ -117,12 +120,12 @@ def left_pad(prompts, pad_id):
 
 @torch.no_grad()
 def generate(model, tokenizer, prompts, max_new_tokens, batch_size, device, stop_ids, progress=None,
-             decoder="static"):
+             decoder="static", on_batch=None):
     """Greedy continuation of each prompt (token lists); returns (new token ids up to the stop token) per prompt.
 
     Rows are batched longest first, so that a batch holds rows of similar length, and returned in input order.
     `decoder`: "static" (decoding.py: preallocated cache, the step a CUDA graph on a GPU) or "generate"
-    (transformers' generate); both give the same tokens.
+    (transformers' generate); both give the same tokens. `on_batch(indices, tokens)` sees each batch when done.
     """
     from decoding import greedy_decode
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
@@ -140,6 +143,8 @@ def generate(model, tokenizer, prompts, max_new_tokens, batch_size, device, stop
         for row, i in zip(new.tolist(), chosen):
             ends = [k for k, t in enumerate(row) if t in stop_ids]
             results[i] = row[:ends[0]] if ends else row
+        if on_batch is not None:
+            on_batch(chosen, [results[i] for i in chosen])
         if progress is not None:
             progress.update(len(chosen))
     return results
@@ -178,20 +183,64 @@ def main(method, argv=None):
         prompts = [encode_prompt(tokenizer, family, row, args.max_src_len, args.test_path) for row in rows]
     except DataError as err:
         raise SystemExit(f"error: {err}")
+    output_dir = args.output_dir or checkpoint
+    os.makedirs(output_dir, exist_ok=True)
+    partial_path = os.path.join(output_dir, PARTIAL_FILE)
+    try:
+        new_tokens = read_partial(partial_path, rows) if args.resume else {}
+    except DataError as err:
+        raise SystemExit(f"error: {err}")
+    todo = [i for i in range(len(rows)) if i not in new_tokens]
+    if not args.resume and os.path.isfile(partial_path):
+        print(f"starting over: {partial_path} (rows of an interrupted run) is replaced; --resume would keep them")
+    if new_tokens:
+        print(f"--resume: {len(new_tokens)} rows from {partial_path}, {len(todo)} to generate")
     start = time.time()
-    with tqdm(total=len(rows), desc="predict", unit="row") as bar:
-        new_tokens = generate(model, tokenizer, prompts, args.max_new_tokens, args.batch_size, device,
-                              family.stop_token_ids(tokenizer), bar, args.decoder)
-    seconds = time.time() - start
+    with open(partial_path, "w", encoding="utf-8") as partial, \
+            tqdm(total=len(rows), initial=len(new_tokens), desc="predict", unit="row") as bar:
+        def keep(indices, tokens):
+            for i, t in zip(indices, tokens):
+                partial.write(json.dumps({"index": i, "text": rows[i].text, "tokens": t}, ensure_ascii=False) + "\n")
+            partial.flush()
+        keep(list(new_tokens), list(new_tokens.values()))  # what is kept is written again, whole lines only
+        fresh = generate(model, tokenizer, [prompts[i] for i in todo], args.max_new_tokens, args.batch_size, device,
+                         family.stop_token_ids(tokenizer), bar, args.decoder,
+                         on_batch=lambda chosen, tokens: keep([todo[c] for c in chosen], tokens))
+    seconds = max(time.time() - start, 1e-9)
+    new_tokens.update(zip(todo, fresh))
+    new_tokens = [new_tokens[i] for i in range(len(rows))]
     generated = [family.answer_text(tokenizer.decode(t, skip_special_tokens=True)) for t in new_tokens]
     scores, summary = TASKS[args.task](generated, [row.answers for row in rows])
     summary = {"task": args.task, **{k: round(v, 6) for k, v in summary.items()}, "rows": len(rows),
-               "seconds": round(seconds, 3), "rows_per_s": round(len(rows) / seconds, 3),
-               "generated_tokens_per_s": round(sum(map(len, new_tokens)) / seconds, 1),
+               "generated_rows": len(todo), "seconds": round(seconds, 3), "rows_per_s": round(len(todo) / seconds, 3),
+               "generated_tokens_per_s": round(sum(map(len, fresh)) / seconds, 1),
                "checkpoint": checkpoint, "base_model": args.ori_model_dir}
-    write_outputs(args.output_dir or checkpoint, rows, generated, scores, summary)
+    write_outputs(output_dir, rows, generated, scores, summary)
+    os.remove(partial_path)
     print(json.dumps(summary, ensure_ascii=False, indent=2))
     return summary
+
+
+def read_partial(path, rows):
+    """{row index: tokens} that an interrupted run wrote; each line must still match its test row."""
+    from data_set import DataError
+    done = {}
+    if not os.path.isfile(path):
+        return done
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            try:
+                record = json.loads(line)
+                index, tokens = record["index"], record["tokens"]
+            except (ValueError, KeyError, TypeError):
+                if not line.endswith("\n"):  # the run was killed while writing this line: generate the row again
+                    break
+                raise DataError(f"{path}:{number}: not a line this script wrote; delete the file or drop --resume")
+            if not (0 <= index < len(rows)) or rows[index].text != record.get("text"):
+                raise DataError(f"{path}:{number}: row {index} does not match the test file; it was written for "
+                                "other test rows: delete it or drop --resume")
+            done[index] = tokens
+    return done
 
 
 def load_partial_state(model, folder, required_prefix=""):

@@ -88,3 +88,32 @@ def test_predict_pt_says_when_the_prompt_settings_do_not_match(trained, few_rows
 def test_missing_checkpoint_is_named(tmp_path):
     result = launch("predict_lora.py", "--model_dir", tmp_path / "none", launcher=False, check=False)
     assert result.returncode != 0 and "none: checkpoint folder not found" in result.stderr
+
+
+def test_an_interrupted_prediction_resumes_from_the_rows_it_wrote(trained, few_rows, tmp_path):
+    _, expected = predict("lora", trained, few_rows, tmp_path)
+    out = tmp_path / "resumed"
+    out.mkdir()
+    with open(few_rows, encoding="utf-8") as f:
+        texts = [json.loads(line)["text"] for line in f]
+    # row 2 was done (kept: here an empty answer, so that regenerating it would show), the next line was cut short
+    (out / "predictions.partial.jsonl").write_text(
+        json.dumps({"index": 2, "text": texts[2], "tokens": []}, ensure_ascii=False) + '\n{"index": 3, "te',
+        encoding="utf-8")
+    result = launch(PREDICT["lora"], "--model_dir", trained["lora"], "--test_path", few_rows, "--output_dir", out,
+                    "--device", "cpu", "--batch_size", 4, "--resume", launcher=False)
+    assert "--resume: 1 rows from" in result.stdout
+    with open(out / "predictions.jsonl") as f:
+        got = [json.loads(line)["generated"] for line in f]
+    assert got[2] == "" and got[:2] + got[3:] == [p["generated"] for p in expected[:2] + expected[3:]]
+    assert json.load(open(out / "metrics.json"))["generated_rows"] == 5
+    assert not (out / "predictions.partial.jsonl").exists()
+
+
+def test_resuming_against_other_test_rows_is_refused_with_the_line(trained, few_rows, tmp_path):
+    (tmp_path / "predictions.partial.jsonl").write_text('{"index": 0, "text": "another row", "tokens": [5]}\n')
+    result = launch(PREDICT["lora"], "--model_dir", trained["lora"], "--test_path", few_rows, "--output_dir", tmp_path,
+                    "--device", "cpu", "--resume", launcher=False, check=False)
+    assert result.returncode != 0
+    assert "predictions.partial.jsonl:1: row 0 does not match the test file" in result.stderr
+    assert (tmp_path / "predictions.partial.jsonl").exists()  # nothing already written is lost
