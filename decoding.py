@@ -22,7 +22,7 @@ from data_set import round_up
 class StaticKVCache:
     """Keys and values per layer in buffers of fixed capacity [batch, kv_heads, capacity, head_dim].
 
-    While `cursor` is None (the prompt's forward) `update` writes from slot 0 and returns the filled part, as a
+    While `cursor` is None (the prompt's forward) `update` writes from slot 0 and returns what it was given, as a
     growing cache would; afterwards it writes the new token at the device tensor `cursor` and returns the first
     `visible` slots (a multiple of the bucket size, so that attention reads little more than what is written;
     the mask hides the slots not yet written).
@@ -47,18 +47,13 @@ class StaticKVCache:
             self.keys[layer_idx] = key.new_zeros(shape)
             self.values[layer_idx] = value.new_zeros(shape)
         keys, values = self.keys[layer_idx], self.values[layer_idx]
-        if self.cursor is None and self.prompt_rows is not None:
-            rows, cut = self.prompt_rows
+        if self.cursor is None:  # a prompt's forward: it attends to what it computed itself
+            rows, cut = self.prompt_rows or (slice(None), 0)
             lead, end = self.leading, cut + key.shape[2]  # the tokens end where the batch's prompts end
             for buffer, new in ((keys, key), (values, value)):
                 buffer[rows, :, :lead] = new[:, :, :lead]
                 buffer[rows, :, lead + cut:end] = new[:, :, lead:]
             return key, value
-        if self.cursor is None:
-            n = key.shape[2]
-            keys[:, :, :n].copy_(key)
-            values[:, :, :n].copy_(value)
-            return keys[:, :, :n], values[:, :, :n]
         keys.index_copy_(2, self.cursor, key)
         values.index_copy_(2, self.cursor, value)
         return keys[:, :, :self.visible], values[:, :, :self.visible]
