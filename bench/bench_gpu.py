@@ -295,7 +295,7 @@ def make_prompts(profile, config, rows=50):
     return prompts
 
 
-def timed_generate(model, prompts, batch_size, new_tokens, pad_id, decoder, prefill_rows=13):
+def timed_generate(model, prompts, batch_size, new_tokens, pad_id, decoder, prefill_rows=13, decode_bucket=64):
     """Seconds to generate exactly `new_tokens` per prompt (no stop token), `batch_size` rows at a time."""
     from decoding import greedy_decode
     from prediction import left_pad
@@ -306,7 +306,8 @@ def timed_generate(model, prompts, batch_size, new_tokens, pad_id, decoder, pref
         input_ids, mask = left_pad(prompts[i:i + batch_size], pad_id)
         input_ids, mask = input_ids.to(device), mask.to(device)
         if decoder == "static":
-            greedy_decode(model, input_ids, mask, new_tokens, stop_ids=[], prefill_rows=prefill_rows)
+            greedy_decode(model, input_ids, mask, new_tokens, stop_ids=[], prefill_rows=prefill_rows,
+                          bucket=decode_bucket)
         else:
             model.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=new_tokens,
                            min_new_tokens=new_tokens, do_sample=False, eos_token_id=None, pad_token_id=pad_id)
@@ -322,7 +323,7 @@ PREDICTION_VARIANTS = [  # name, dtype, attention, rows per batch, decoder
 ]
 
 
-def run_prediction(new_tokens, single_rows, matching=None, prefill_rows=13):
+def run_prediction(new_tokens, single_rows, matching=None, prefill_rows=13, decode_bucket=64):
     """50 test prompts, `new_tokens` generated each, in the variants above (those whose name contains `matching`);
     one-row-at-a-time variants time the first `single_rows` rows and scale to 50. `prefill_rows`: the static
     decoder's prompt groups (50: the whole batch in one forward)."""
@@ -336,11 +337,12 @@ def run_prediction(new_tokens, single_rows, matching=None, prefill_rows=13):
         model = build_model(config, dtype).eval()
         model.config._attn_implementation = attention
         rows = prompts if batch > 1 else prompts[:single_rows]
-        timed_generate(model, rows[:2], batch, 8, config.pad_token_id, decoder, prefill_rows)  # warm-up
+        timed_generate(model, rows[:2], batch, 8, config.pad_token_id, decoder, prefill_rows, decode_bucket)  # warm-up
         seconds = timed_generate(model, rows, batch, new_tokens, config.pad_token_id, decoder,
-                                 prefill_rows) * len(prompts) / len(rows)
+                                 prefill_rows, decode_bucket) * len(prompts) / len(rows)
         results.append({"family": FAMILY, "prediction": name, "rows": len(prompts), "measured_rows": len(rows),
                         "prefill_rows": prefill_rows if decoder == "static" else None,
+                        "decode_bucket": decode_bucket if decoder == "static" else None,
                         "new_tokens": new_tokens, "seconds_for_50": round(seconds, 2),
                         "ms_per_token_step": round(seconds / (len(prompts) / batch) / new_tokens * 1000, 2),
                         "peak_gib": peak_gib(), "gpu": device_name()})
@@ -514,6 +516,8 @@ def main():
                         "contains this text")
     parser.add_argument("--prefill_rows", type=int, default=13, help="with --predict: prompts per prefill forward "
                         "of the static decoder (grouped by length; 50 = all at once)")
+    parser.add_argument("--decode_bucket", type=int, default=64, help="with --predict: the static decoder's cache "
+                        "slots per CUDA graph (attention reads the visible slots rounded up to this)")
     parser.add_argument("--local_rank", type=int, default=-1)
     args = parser.parse_args()
     global TINY, FAMILY
@@ -529,7 +533,7 @@ def main():
                                               args.step_graphs, args.group_by_length)))
     elif args.predict:
         print(json.dumps(run_prediction(args.new_tokens, args.single_rows, args.variants_matching,
-                                        args.prefill_rows)))
+                                        args.prefill_rows, args.decode_bucket)))
     elif args.attention:
         print(json.dumps(run_attention_comparison()))
     else:
