@@ -1,8 +1,9 @@
 """The ChatGLM2-6B and ChatGLM3-6B tokenizers: SentencePiece (`tokenizer.model`) with the official id layout.
 
 SentencePiece ids come first; then `[MASK] [gMASK] [sMASK] sop eop` and, for ChatGLM3 (`role_tokens`), the roles
-`<|system|> <|user|> <|assistant|> <|observation|>`, in that order. The pad token is `<unk>` (id 0 in the
-official files), the end token `</s>`. A prompt starts with `[gMASK] sop`; a pair is `[gMASK] sop a b </s>`.
+`<|system|> <|user|> <|assistant|> <|observation|>`, in that order; text never encodes to them (as in the official
+tokenizers), the layouts put them in by id. The pad token is `<unk>` (id 0 in the official files), the end token
+`</s>`. A prompt starts with `[gMASK] sop`; a pair is `[gMASK] sop a b </s>`.
 """
 import os
 import shutil
@@ -28,8 +29,10 @@ class ChatGLMTokenizer(PreTrainedTokenizer):
         self.special_names = {i: name for name, i in self.special_ids.items()}
         for key in ("eos_token", "pad_token", "unk_token", "extra_special_tokens"):
             kwargs.pop(key, None)
+        # the special tokens are not registered with transformers as added tokens: it would cut them out of plain
+        # text ("eop" inside "people", a "<|user|>" typed in a message), which the official tokenizers never do
         super().__init__(eos_token="</s>", pad_token="<unk>", unk_token="<unk>", padding_side=padding_side,
-                         role_tokens=role_tokens, extra_special_tokens=names, **kwargs)
+                         role_tokens=role_tokens, **kwargs)
 
     @property
     def vocab_size(self):

@@ -47,6 +47,17 @@ def test_chatglm3_message_layout(model_file):
         ChatGLMTokenizer(model_file).build_single_message("user", "", "x")
 
 
+@pytest.mark.parametrize("roles", [False, True])
+def test_text_never_encodes_to_a_special_token(model_file, roles):
+    # the official tokenizers run plain text through SentencePiece only: "eop" in "people", "sop" in "isopropyl"
+    # and a role or mask token typed in a message stay text
+    tokenizer = ChatGLMTokenizer(model_file, role_tokens=roles)
+    text = "people isopropyl [gMASK] <|user|> sop eop"
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    assert ids == tokenizer.sp.EncodeAsIds(text) and max(ids) < tokenizer.sp.GetPieceSize()
+    assert tokenizer.decode(ids) == text
+
+
 def test_round_trip_on_every_row_of_data_and_shared_data(model_file):
     tokenizer = ChatGLMTokenizer(model_file, role_tokens=True)
     files = sorted(glob.glob(os.path.join(ROOT, "data", "*.jsonl"))) + \
