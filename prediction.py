@@ -186,29 +186,13 @@ def main(method, argv=None):
     output_dir = args.output_dir or checkpoint
     os.makedirs(output_dir, exist_ok=True)
     partial_path = os.path.join(output_dir, PARTIAL_FILE)
-    try:
-        new_tokens = read_partial(partial_path, rows) if args.resume else {}
-    except DataError as err:
-        raise SystemExit(f"error: {err}")
-    todo = [i for i in range(len(rows)) if i not in new_tokens]
-    if not args.resume and os.path.isfile(partial_path):
-        print(f"starting over: {partial_path} (rows of an interrupted run) is replaced; --resume would keep them")
-    if new_tokens:
-        print(f"--resume: {len(new_tokens)} rows from {partial_path}, {len(todo)} to generate")
     start = time.time()
-    with open(partial_path, "w", encoding="utf-8") as partial, \
-            tqdm(total=len(rows), initial=len(new_tokens), desc="predict", unit="row") as bar:
-        def keep(indices, tokens):
-            for i, t in zip(indices, tokens):
-                partial.write(json.dumps({"index": i, "text": rows[i].text, "tokens": t}, ensure_ascii=False) + "\n")
-            partial.flush()
-        keep(list(new_tokens), list(new_tokens.values()))  # what is kept is written again, whole lines only
-        fresh = generate(model, tokenizer, [prompts[i] for i in todo], args.max_new_tokens, args.batch_size, device,
-                         family.stop_token_ids(tokenizer), bar, args.decoder,
-                         on_batch=lambda chosen, tokens: keep([todo[c] for c in chosen], tokens))
+    with tqdm(total=len(rows), desc="predict", unit="row") as bar:
+        def generate_rows(indices, on_batch):
+            return generate(model, tokenizer, [prompts[i] for i in indices], args.max_new_tokens, args.batch_size,
+                            device, family.stop_token_ids(tokenizer), bar, args.decoder, on_batch)
+        new_tokens, todo, fresh = generate_keeping_partial(partial_path, rows, args.resume, generate_rows, bar)
     seconds = max(time.time() - start, 1e-9)
-    new_tokens.update(zip(todo, fresh))
-    new_tokens = [new_tokens[i] for i in range(len(rows))]
     generated = [family.answer_text(tokenizer.decode(t, skip_special_tokens=True)) for t in new_tokens]
     scores, summary = TASKS[args.task](generated, [row.answers for row in rows])
     summary = {"task": args.task, **{k: round(v, 6) for k, v in summary.items()}, "rows": len(rows),
@@ -219,6 +203,32 @@ def main(method, argv=None):
     os.remove(partial_path)
     print(json.dumps(summary, ensure_ascii=False, indent=2))
     return summary
+
+
+def generate_keeping_partial(partial_path, rows, resume, generate_rows, bar):
+    """Tokens of every row, each batch appended to `partial_path` as soon as it exists; with `resume`, the rows an
+    interrupted run left there are kept and not generated again. `generate_rows(indices, on_batch)` generates the
+    given rows. Returns (tokens per row, the indices generated now, their tokens)."""
+    from data_set import DataError
+    try:
+        kept = read_partial(partial_path, rows) if resume else {}
+    except DataError as err:
+        raise SystemExit(f"error: {err}")
+    todo = [i for i in range(len(rows)) if i not in kept]
+    if not resume and os.path.isfile(partial_path):
+        print(f"starting over: {partial_path} (rows of an interrupted run) is replaced; --resume would keep them")
+    if kept:
+        print(f"--resume: {len(kept)} rows from {partial_path}, {len(todo)} to generate")
+        bar.update(len(kept))
+    with open(partial_path, "w", encoding="utf-8") as partial:
+        def keep(indices, tokens):
+            for i, t in zip(indices, tokens):
+                partial.write(json.dumps({"index": i, "text": rows[i].text, "tokens": t}, ensure_ascii=False) + "\n")
+            partial.flush()
+        keep(list(kept), list(kept.values()))  # what is kept is written again, whole lines only
+        fresh = generate_rows(todo, lambda chosen, tokens: keep([todo[c] for c in chosen], tokens))
+    kept.update(zip(todo, fresh))
+    return [kept[i] for i in range(len(rows))], todo, fresh
 
 
 def read_partial(path, rows):

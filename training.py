@@ -67,8 +67,9 @@ def build_parser(method):
     data.add_argument("--max_len", type=int, default=768, help="longest training row in tokens")
     data.add_argument("--max_src_len", type=int, default=450, help="longest prompt + text in tokens")
     data.add_argument("--skip_bad_rows", action="store_true", help="skip and count bad rows instead of stopping")
-    data.add_argument("--group_by_length", action="store_true", help="batch rows of similar length: less padding (ChatGLM-6B LoRA on an H100: 39.6 -> 32.1 ms "
-                      "per step); batches are still drawn in random order")
+    data.add_argument("--group_by_length", action="store_true",
+                      help="batch rows of similar length: less padding (ChatGLM-6B LoRA on an H100: 39.6 -> 32.1 ms "
+                           "per step); batches are still drawn in random order")
     model = parser.add_argument_group("model")
     model.add_argument("--model_dir", default="ChatGLM-6B", help="the base model folder (config.json, tokenizer, "
                        "weights)")
