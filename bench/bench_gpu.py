@@ -530,7 +530,10 @@ def main():
     elif args.variant:
         print(json.dumps(run_training_variant(args.variant, args.gc, args.reference, args.steps, args.warmup,
                                               not args.no_compile, args.compile_mode, args.bucket,
-                                              args.step_graphs, args.group_by_length)))
+                                              args.step_graphs, args.group_by_length)), flush=True)
+        # shut the process group down before exit: once in a CI run (CPU) a communication thread left running
+        # aborted the process at exit ("terminate called without an active exception") after its result was printed
+        torch.distributed.destroy_process_group()
     elif args.predict:
         print(json.dumps(run_prediction(args.new_tokens, args.single_rows, args.variants_matching,
                                         args.prefill_rows, args.decode_bucket)))
