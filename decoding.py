@@ -19,44 +19,90 @@ import torch
 from data_set import round_up
 
 
+def flash_decoding_available(tensor):
+    """Flash attention's variable-length kernel (Ampere or newer, half precision) reads each row's own keys only."""
+    return (tensor.is_cuda and tensor.dtype in (torch.float16, torch.bfloat16)
+            and torch.cuda.get_device_capability(tensor.device)[0] >= 8 and tensor.shape[-1] % 8 == 0)
+
+
 class StaticKVCache:
-    """Keys and values per layer in buffers of fixed capacity [batch, kv_heads, capacity, head_dim].
+    """Keys and values per layer in buffers of fixed capacity [batch, capacity, kv_heads, head_dim], each row's
+    slots holding [leading | its own prompt tokens | its generated tokens] with no padding between them.
 
-    While `cursor` is None (the prompt's forward) `update` writes from slot 0 and returns what it was given, as a
-    growing cache would; afterwards it writes the new token at the device tensor `cursor` and returns the first
-    `visible` slots (a multiple of the bucket size, so that attention reads little more than what is written;
-    the mask hides the slots not yet written).
+    A left-padded batch would make every row read as many cached keys as the longest prompt has (the 50 spo test
+    prompts: 221 tokens on average, 452 at most), and a decode step's attention is bound by reading the cache. Here
+    flash attention's variable-length kernel reads `next_slot + 1` keys per row (`seqused_k`); without it (a CPU,
+    an older GPU, fp32) a masked attention reads the first `visible` slots (a multiple of the decoder's bucket).
 
-    A prompt's forward may also cover some rows only, cut to their own longest prompt (`prompt_rows` = (row
-    indices, slots cut off the left)): the `leading` prompt slots (prefix keys, soft tokens) go first, the tokens
-    where the whole left-padded batch has them."""
+    The prompt's forward goes through `update` (as a growing cache would: it attends to what it computed itself),
+    for some rows at a time (`set_prompt_rows`), each row's padding dropped on the way in. The `leading` slots
+    (P-Tuning v2 prefix keys, soft prompt tokens) come first. The decode steps go through `attend`; the decoder
+    moves `next_slot` on after each step. The last slot takes the padding's writes and is never read."""
 
-    def __init__(self, capacity, batch=None, leading=0):
-        self.capacity, self.batch, self.leading = capacity, batch, leading
+    def __init__(self, capacity, prompt_lengths, leading=0):
+        self.capacity = capacity + 1  # + the slot for padding
+        self.prompt_lengths, self.leading = prompt_lengths, leading
+        self.batch = len(prompt_lengths)
         self.keys, self.values = {}, {}
-        self.cursor = None
-        self.prompt_rows = None
-        self.visible = capacity
+        self.prompt_rows = self.prompt_slots = None
+        self.next_slot = None  # [batch] slot each row writes next; None while the prompts go through
+        self.visible = self.capacity
+        self.flash = False
+        self.slot_index = torch.arange(self.capacity, device=prompt_lengths.device)
+        rows = torch.arange(self.batch + 1, device=prompt_lengths.device, dtype=torch.int32)
+        self.rows = rows[:-1].long()
+        # flash attention's packed layout: row i's query is token i, its keys start at slot i * capacity
+        self.query_starts, self.key_starts = rows, rows * self.capacity
+
+    @property
+    def attends_decode_step(self):  # the model files ask: past the prompt, attention is the cache's own
+        return self.next_slot is not None
 
     def get_seq_length(self, layer_idx=0):
-        return 0 if self.cursor is None else self.capacity  # the model asks only before the prompt's forward
+        return 0  # the model asks only before the prompt's forward
+
+    def set_prompt_rows(self, rows, width):
+        """The next forward is the prompts of `rows` (a device index), left-padded to `width` tokens: where each of
+        its `leading + width` key positions goes in the row's slots (padding to the last slot)."""
+        position = torch.arange(self.leading + width, device=rows.device)
+        padding = width - self.prompt_lengths[rows, None]
+        in_prompt = position >= self.leading + padding
+        self.prompt_rows = rows
+        self.prompt_slots = torch.where(position < self.leading, position,
+                                        torch.where(in_prompt, position - padding, self.capacity - 1))
+
+    def start_decoding(self):
+        self.prompt_rows = self.prompt_slots = None
+        self.next_slot = self.leading + self.prompt_lengths
 
     def update(self, key, value, layer_idx, cache_kwargs=None):
         if layer_idx not in self.keys:
-            shape = (self.batch or key.shape[0], key.shape[1], self.capacity, key.shape[3])
-            self.keys[layer_idx] = key.new_zeros(shape)
-            self.values[layer_idx] = value.new_zeros(shape)
+            shape = (self.batch, self.capacity, key.shape[1], key.shape[3])
+            self.keys[layer_idx], self.values[layer_idx] = key.new_zeros(shape), value.new_zeros(shape)
+            self.flash = flash_decoding_available(key)
+        rows, slots = self.prompt_rows[:, None], self.prompt_slots
+        self.keys[layer_idx][rows, slots] = key.transpose(1, 2)
+        self.values[layer_idx][rows, slots] = value.transpose(1, 2)
+        return key, value
+
+    def attend(self, query, key, value, layer_idx):
+        """One decode step of a layer: writes each row's new key and value, returns the attention output
+        [batch, heads, 1, head_dim] over the row's keys so far (each key/value head serves consecutive query heads)."""
         keys, values = self.keys[layer_idx], self.values[layer_idx]
-        if self.cursor is None:  # a prompt's forward: it attends to what it computed itself
-            rows, cut = self.prompt_rows or (slice(None), 0)
-            lead, end = self.leading, cut + key.shape[2]  # the tokens end where the batch's prompts end
-            for buffer, new in ((keys, key), (values, value)):
-                buffer[rows, :, :lead] = new[:, :, :lead]
-                buffer[rows, :, lead + cut:end] = new[:, :, lead:]
-            return key, value
-        keys.index_copy_(2, self.cursor, key)
-        values.index_copy_(2, self.cursor, value)
-        return keys[:, :, :self.visible], values[:, :, :self.visible]
+        keys[self.rows, self.next_slot] = key[:, :, 0]
+        values[self.rows, self.next_slot] = value[:, :, 0]
+        batch, heads, _, head_dim = query.shape
+        if self.flash:
+            output = torch.ops.aten._flash_attention_forward(
+                query[:, :, 0], keys.view(-1, *keys.shape[2:]), values.view(-1, *values.shape[2:]),
+                self.query_starts, self.key_starts, 1, self.capacity, 0.0, False, False,
+                scale=head_dim ** -0.5, seqused_k=(self.next_slot + 1).int())[0]
+            return output[:, :, None]
+        seen = (self.slot_index[:self.visible] <= self.next_slot[:, None])[:, None, None, :]
+        output = torch.nn.functional.scaled_dot_product_attention(
+            query.reshape(batch, keys.shape[2], -1, head_dim), keys[:, :self.visible].transpose(1, 2),
+            values[:, :self.visible].transpose(1, 2), attn_mask=seen, scale=head_dim ** -0.5)
+        return output.reshape(batch, heads, 1, head_dim)
 
 
 def leading_keys(model):
@@ -66,21 +112,18 @@ def leading_keys(model):
 
 
 class StaticDecoder:
-    """The state of one batch's decoding: static input, cache, mask and output buffers, and the step on them."""
+    """The state of one batch's decoding: static input, cache and output buffers, and the step on them."""
 
     def __init__(self, model, input_ids, attention_mask, max_new_tokens):
         batch, seq = input_ids.shape
         device = input_ids.device
         self.model, self.prompt_ids, self.attention_mask = model, input_ids, attention_mask
-        leading = leading_keys(model)
-        self.cache = StaticKVCache(leading + seq + max_new_tokens, batch, leading)
-        self.key_valid = torch.ones(batch, self.cache.capacity, dtype=torch.bool, device=device)
-        self.key_valid[:, leading:leading + seq] = attention_mask.bool()
-        self.key_index = torch.arange(self.cache.capacity, device=device)
+        self.prompt_lengths = attention_mask.sum(dim=1)
+        self.cache = StaticKVCache(leading_keys(model) + seq + max_new_tokens, self.prompt_lengths,
+                                   leading_keys(model))
         self.tokens = torch.zeros(batch, 1, dtype=torch.long, device=device)
         self.generated = torch.zeros(batch, max_new_tokens, dtype=torch.long, device=device)
         self.step_index = torch.zeros(1, dtype=torch.long, device=device)
-        self.first_slot = leading + seq
 
     def prefill(self, group_rows=None):
         """The prompt's forward: fills the cache and the first generated token of each row.
@@ -89,31 +132,29 @@ class StaticDecoder:
         prompt: the batch is left-padded to its longest, and that padding costs as much compute as real tokens
         (the 50 spo test prompts: 221 tokens on average, 452 at most)."""
         batch, seq = self.prompt_ids.shape
-        lengths = self.attention_mask.sum(dim=1).tolist()
+        lengths = self.prompt_lengths.tolist()
         by_length = sorted(range(batch), key=lambda i: -lengths[i])
         group_rows = group_rows or batch
         for start in range(0, batch, group_rows):
             rows = by_length[start:start + group_rows]
-            cut = seq - max(lengths[i] for i in rows)
+            width = max(lengths[i] for i in rows)
             index = torch.tensor(rows, device=self.prompt_ids.device)
-            self.cache.prompt_rows = (index, cut)
-            logits = self.model(input_ids=self.prompt_ids[index, cut:], attention_mask=self.attention_mask[index, cut:],
+            self.cache.set_prompt_rows(index, width)
+            logits = self.model(input_ids=self.prompt_ids[index, seq - width:],
+                                attention_mask=self.attention_mask[index, seq - width:],
                                 past_key_values=self.cache, use_cache=True, logits_to_keep=1).logits[:, -1]
             self.tokens[index] = logits.argmax(-1, keepdim=True)
-        self.cache.prompt_rows = None
+        self.cache.start_decoding()
         self.generated[:, :1].copy_(self.tokens)
-        self.cache.cursor = torch.full((1,), self.first_slot, dtype=torch.long, device=self.tokens.device)
 
     def step(self):
         """Feed the last token of each row, write the next one: shapes and memory never change (for a given
         number of visible cache slots)."""
-        visible = self.cache.visible
         positions = self.model.decode_position_ids(self.prompt_ids, self.attention_mask, self.step_index)
-        mask = (self.key_valid[:, :visible] & (self.key_index[:visible] <= self.cache.cursor))[:, None, None, :]
-        logits = self.model.decode_step(self.tokens, positions, mask, self.cache)
+        logits = self.model.decode_step(self.tokens, positions, self.cache)
         self.tokens.copy_(logits.argmax(-1, keepdim=True))
         self.step_index += 1
-        self.cache.cursor += 1
+        self.cache.next_slot += 1
         self.generated.index_copy_(1, self.step_index, self.tokens)
 
 
@@ -127,7 +168,8 @@ def finished(generated, done_steps, stop_ids):
 def greedy_decode(model, input_ids, attention_mask, max_new_tokens, stop_ids, cuda_graph=None, check_every=16,
                   bucket=64, prefill_rows=13):
     """New tokens [batch, <= max_new_tokens] of greedy decoding for a left-padded batch (not cut at the stop
-    tokens; the caller does that). `cuda_graph` defaults to True on a GPU: one graph per `bucket` cache slots.
+    tokens; the caller does that). `cuda_graph` defaults to True on a GPU: one graph for every step with flash
+    attention, else one per `bucket` cache slots.
     The prompts go through `prefill_rows` at a time, by length (13: four groups for the 50 spo test rows)."""
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
@@ -135,15 +177,22 @@ def greedy_decode(model, input_ids, attention_mask, max_new_tokens, stop_ids, cu
     decoder.prefill(prefill_rows)
     cuda_graph = input_ids.is_cuda if cuda_graph is None else cuda_graph
     graphs = CapturedSteps(decoder.step) if cuda_graph else None
+    cache, longest = decoder.cache, cache_longest(decoder)
     done = 1
     while done < max_new_tokens:
         if stop_ids and done % check_every == 0 and finished(decoder.generated, done, stop_ids):
             break
-        # step done - 1 writes slot first_slot + done - 1; attention sees the slots up to it, rounded up
-        decoder.cache.visible = min(round_up(decoder.first_slot + done, bucket), decoder.cache.capacity)
-        graphs.run(decoder.cache.visible) if graphs else decoder.step()
+        # without flash attention, attention reads the slots the longest row has written, rounded up
+        if not cache.flash:
+            cache.visible = min(round_up(longest + done, bucket), cache.capacity)
+        graphs.run(cache.visible) if graphs else decoder.step()
         done += 1
     return decoder.generated[:, :done]
+
+
+def cache_longest(decoder):
+    """Slots the longest row holds before its first decode step."""
+    return decoder.cache.leading + int(decoder.prompt_lengths.max())
 
 
 class CapturedSteps:

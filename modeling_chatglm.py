@@ -194,9 +194,12 @@ class SelfAttention(nn.Module):
         if prefix_kv is not None:  # prefix keys/values carry no rotary position
             key = torch.cat([prefix_kv[0], key], dim=2)
             value = torch.cat([prefix_kv[1], value], dim=2)
-        if past_key_values is not None:
-            key, value = past_key_values.update(key, value, self.layer_idx)
-        context = self.attend(query, key, value, attention_mask)
+        if getattr(past_key_values, "attends_decode_step", False):  # decoding.StaticKVCache, past the prompt
+            context = past_key_values.attend(query, key, value, self.layer_idx)
+        else:
+            if past_key_values is not None:
+                key, value = past_key_values.update(key, value, self.layer_idx)
+            context = self.attend(query, key, value, attention_mask)
         return self.dense(context.transpose(1, 2).reshape(batch, seq, -1))
 
     def attend(self, query, key, value, attention_mask):
@@ -418,15 +421,15 @@ class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin):
         position = (mask_pos - pad_len).clamp(min=0) + self.transformer.num_virtual_tokens
         return torch.stack([position, (2 + step).expand_as(position)], dim=1)[:, :, None]
 
-    def decode_step(self, input_ids, position_ids, attention_mask, cache):
-        """Logits [batch, vocab] of one new token per row, against a cache of fixed capacity; `attention_mask` is
-        the bool [batch, 1, 1, capacity] of the keys it may see. No host synchronisation, no shape that varies."""
+    def decode_step(self, input_ids, position_ids, cache):
+        """Logits [batch, vocab] of one new token per row, against decoding.StaticKVCache (which attends, over
+        each row's own keys). No host synchronisation, no shape that varies."""
         t = self.transformer
         hidden = t.word_embeddings(input_ids)
         cos, sin = glm_rotary_cos_sin(position_ids, self.config.hidden_size // self.config.num_attention_heads,
                                       hidden.dtype)
         for layer in t.layers:
-            hidden = layer(hidden, cos, sin, attention_mask, cache)
+            hidden = layer(hidden, cos, sin, None, cache)
         return self.lm_head(t.final_layernorm(hidden))[:, -1]
 
     def prepare_inputs_for_generation(self, input_ids, past_key_values=None, attention_mask=None, **kwargs):

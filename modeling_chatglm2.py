@@ -103,6 +103,9 @@ class SelfAttention(nn.Module):
         value = value.view(batch, seq, self.groups, -1).transpose(1, 2)
         if prefix_kv is not None:
             key, value = torch.cat([prefix_kv[0], key], dim=2), torch.cat([prefix_kv[1], value], dim=2)
+        if getattr(past_key_values, "attends_decode_step", False):  # decoding.StaticKVCache, past the prompt
+            context = past_key_values.attend(query, key, value, self.layer_idx)
+            return self.dense(context.transpose(1, 2).reshape(batch, seq, -1))
         if past_key_values is not None:
             key, value = past_key_values.update(key, value, self.layer_idx)
         # each group of keys/values serves heads / groups consecutive query heads
@@ -301,14 +304,14 @@ class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin):
         pad = left_padding(attention_mask, batch, prompt_ids.device)
         return (seq - pad + step + self.transformer.num_virtual_tokens)[:, None]
 
-    def decode_step(self, input_ids, position_ids, attention_mask, cache):
-        """Logits [batch, vocab] of one new token per row, against a cache of fixed capacity; `attention_mask` is
-        the bool [batch, 1, 1, capacity] of the keys it may see. No host synchronisation, no shape that varies."""
+    def decode_step(self, input_ids, position_ids, cache):
+        """Logits [batch, vocab] of one new token per row, against decoding.StaticKVCache (which attends, over
+        each row's own keys). No host synchronisation, no shape that varies."""
         t = self.transformer
         hidden = t.embedding(input_ids)
         cos, sin = rotary_cos_sin(position_ids, self.config.kv_channels, self.config.rope_ratio, hidden.dtype)
         for layer in t.encoder.layers:
-            hidden = layer(hidden, cos, sin, attention_mask, cache)
+            hidden = layer(hidden, cos, sin, None, cache)
         return t.output_layer(t.encoder.final_layernorm(hidden))[:, -1]
 
     def prepare_inputs_for_generation(self, input_ids, past_key_values=None, attention_mask=None, **kwargs):

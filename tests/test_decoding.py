@@ -56,14 +56,26 @@ def test_decoding_stops_early_once_every_row_has_a_stop_token(untied_model_dir):
     assert cut.shape[1] == 4 and cut.tolist() == free[:, :4].tolist()
 
 
-def test_cache_writes_the_prompt_then_one_slot_per_step():
-    cache = StaticKVCache(capacity=6)
-    key = torch.arange(2 * 1 * 3 * 2, dtype=torch.float).view(2, 1, 3, 2)
-    keys, _ = cache.update(key, key, layer_idx=0)
-    assert keys.shape == (2, 1, 3, 2) and torch.equal(keys, key)
-    cache.cursor = torch.tensor([3])
-    keys, _ = cache.update(torch.full((2, 1, 1, 2), 7.0), torch.zeros(2, 1, 1, 2), layer_idx=0)
-    assert keys.shape == (2, 1, 6, 2) and keys[:, :, 3].eq(7).all() and keys[:, :, 4:].eq(0).all()
+def test_cache_keeps_each_rows_tokens_without_padding_and_attends_over_them_only():
+    # two rows, prompts of 3 and 1 tokens left-padded to 3, one leading slot (a prefix key): [lead | prompt | new]
+    cache = StaticKVCache(capacity=1 + 3 + 2, prompt_lengths=torch.tensor([3, 1]), leading=1)
+    key = torch.arange(1, 2 * 4 * 2 + 1, dtype=torch.float).view(2, 1, 4, 2)  # [rows, kv heads, lead + 3, dim]
+    cache.set_prompt_rows(torch.tensor([0, 1]), width=3)
+    returned, _ = cache.update(key, key, layer_idx=0)
+    assert returned is key  # the prompt's forward attends to what it computed itself
+    stored = cache.keys[0][:, :, 0]  # [rows, slots, dim]
+    assert torch.equal(stored[0, :4], key[0, 0])  # lead + all three tokens
+    assert torch.equal(stored[1, :2], key[1, 0, [0, 3]])  # lead + its one token; its two pads are not kept
+    assert stored[1, 2:6].eq(0).all()
+    cache.start_decoding()
+    assert cache.next_slot.tolist() == [4, 2]
+    # a decode step: each row's new key goes to its own next slot; a query equal to nothing in particular
+    query, new = torch.zeros(2, 1, 1, 2), torch.full((2, 1, 1, 2), 100.0)
+    out = cache.attend(query, new, new, layer_idx=0)
+    assert cache.keys[0][0, 4, 0].eq(100).all() and cache.keys[0][1, 2, 0].eq(100).all()
+    # a zero query weighs the seen values equally: row 1 sees its lead, its token and the new one, nothing else
+    expected_row1 = (key[1, 0, 0] + key[1, 0, 3] + 100) / 3
+    assert out.shape == (2, 1, 1, 2) and torch.allclose(out[1, 0, 0], expected_row1)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the CUDA graph path needs a GPU")
@@ -76,3 +88,43 @@ def test_cuda_graph_replay_equals_generate_on_the_gpu(family_model_dirs, untied_
                               eos_token_id=None, pad_token_id=0)[:, input_ids.shape[1]:]
     got = greedy_decode(model, input_ids, attention_mask, 20, stop_ids=[], cuda_graph=True, bucket=8)  # 3+ graphs
     assert got.tolist() == expected.tolist()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="flash attention needs a GPU")
+@pytest.mark.parametrize("kv_heads", [4, 1])
+def test_flash_decode_attention_equals_the_masked_one(kv_heads):
+    import decoding
+    torch.manual_seed(0)
+    lengths = torch.tensor([5, 17, 1, 9], device="cuda")
+    outputs = []
+    for flash in (True, False):
+        cache = StaticKVCache(capacity=2 + 17 + 4, prompt_lengths=lengths, leading=2)
+        torch.manual_seed(1)  # the same keys, values and queries for both
+        key = torch.randn(4, kv_heads, 2 + 17, 64, device="cuda", dtype=torch.bfloat16)
+        value = torch.randn_like(key)
+        cache.set_prompt_rows(torch.arange(4, device="cuda"), width=17)
+        cache.update(key, value, layer_idx=0)
+        cache.start_decoding()
+        cache.flash = flash and decoding.flash_decoding_available(key)
+        assert cache.flash == flash
+        for _ in range(3):  # three steps, each row at its own slot
+            query = torch.randn(4, 4, 1, 64, device="cuda", dtype=torch.bfloat16)
+            new = torch.randn(4, kv_heads, 1, 64, device="cuda", dtype=torch.bfloat16)
+            out = cache.attend(query, new, new, layer_idx=0)
+            cache.next_slot += 1
+        outputs.append(out.float())
+    assert torch.allclose(outputs[0], outputs[1], atol=1e-2)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="flash attention needs a GPU")
+@pytest.mark.parametrize("family", ["chatglm", "chatglm2"])
+def test_flash_decoding_gives_the_masked_decodings_tokens_in_bf16(family_model_dirs, untied_model_dir, family,
+                                                                    monkeypatch):
+    import decoding
+    folder = untied_model_dir if family == "chatglm" else family_model_dirs[family]
+    model = load_model(folder, pre_seq_len=3).cuda().to(torch.bfloat16).eval()
+    input_ids, attention_mask = (t.cuda() for t in batch_for(folder))
+    flash = greedy_decode(model, input_ids, attention_mask, 20, stop_ids=[])
+    monkeypatch.setattr(decoding, "flash_decoding_available", lambda tensor: False)
+    masked = greedy_decode(model, input_ids, attention_mask, 20, stop_ids=[], bucket=8)
+    assert flash.tolist() == masked.tolist()
