@@ -23,6 +23,8 @@ import time
 import torch
 from torch.utils.data import DataLoader
 
+from optimizer import MasterWeightAdamW
+
 DEFAULT_PROMPT = ('你现在是一个信息抽取模型，请你帮我抽取出关系内容为"性能故障", "部件故障", "组成"和 "检测工具"的相关三元组，'
                   '三元组内部用"_"连接，三元组之间用\\n分割。文本：')
 TRAINING_ARGS_FILE = "training_args.json"
@@ -97,7 +99,7 @@ def build_parser(method):
     train.add_argument("--lr_scheduler", choices=["linear", "cosine", "constant"], default="linear")
     train.add_argument("--warmup_ratio", type=float, default=0.1)
     train.add_argument("--weight_decay", type=float, default=0.1)
-    train.add_argument("--max_grad_norm", type=float, default=1.0, help="gradient clipping, done by DeepSpeed")
+    train.add_argument("--max_grad_norm", type=float, default=1.0, help="clip gradients to this global norm (0: off)")
     train.add_argument("--seed", type=int, default=1234)
     precision = train.add_mutually_exclusive_group()
     precision.add_argument("--bf16", dest="precision", action="store_const", const="bf16")
@@ -140,7 +142,21 @@ def resolve_cuda_graphs(args, device):
     return not blocked if args.cuda_graphs is None else args.cuda_graphs
 
 
+def uses_master_weight_adamw(args, world_size):
+    """One process in bf16 at ZeRO-0/1 (which partitions nothing there), no offload and no config file of the user's:
+    optimizer.MasterWeightAdamW does DeepSpeed's mixed-precision step in fewer passes."""
+    return (world_size == 1 and args.precision == "bf16" and args.zero_stage <= 1 and not args.offload
+            and not args.ds_config)
+
+
 def deepspeed_config(args, world_size):
+    if uses_master_weight_adamw(args, world_size):
+        # DeepSpeed without mixed precision of its own: the optimizer keeps the fp32 masters and clips
+        return {"train_micro_batch_size_per_gpu": args.train_batch_size,
+                "gradient_accumulation_steps": args.gradient_accumulation_steps,
+                "train_batch_size": args.train_batch_size * args.gradient_accumulation_steps,
+                "gradient_clipping": 0.0, "zero_optimization": {"stage": 0},
+                "steps_per_print": 10 ** 9, "wall_clock_breakdown": False}
     config = {
         "train_micro_batch_size_per_gpu": args.train_batch_size,
         "gradient_accumulation_steps": args.gradient_accumulation_steps,
@@ -199,15 +215,17 @@ def count_parameters(model):
     return trainable, total
 
 
-def make_optimizer(model, args, device):
+def make_optimizer(model, args, device, master_weights=False):
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if p.requires_grad:
             (no_decay if p.ndim < 2 else decay).append(p)  # no weight decay on biases and norms
     groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    fused = device.type == "cuda"
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=args.learning_rate, betas=(0.9, 0.95),
-                             eps=1e-8, fused=fused)
+    groups = [g for g in groups if g["params"]]
+    adamw = dict(lr=args.learning_rate, betas=(0.9, 0.95), eps=1e-8, fused=device.type == "cuda")
+    if master_weights:
+        return MasterWeightAdamW(groups, max_grad_norm=args.max_grad_norm, **adamw)
+    return torch.optim.AdamW(groups, **adamw)
 
 
 def make_scheduler(optimizer, args, total_steps):
@@ -253,10 +271,13 @@ def build_engine(model, args, world_size, device, total_steps):
         scheduler = make_scheduler(optimizer, args, total_steps)
         engine.lr_scheduler = scheduler
     else:
-        optimizer = make_optimizer(model, args, device)
+        master_weights = uses_master_weight_adamw(args, world_size)
+        optimizer = make_optimizer(model, args, device, master_weights)
         scheduler = make_scheduler(optimizer, args, total_steps)
         engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                                config=config)
+        if master_weights:
+            engine.enable_backward_allreduce = False  # one process: DeepSpeed would copy every gradient to "reduce" it
     return engine
 
 
@@ -592,6 +613,9 @@ def main(method, argv=None):
                            args.group_by_length)
     _, total_steps = schedule_length(args, sampler)
     engine = build_engine(model, args, world_size, device, total_steps)
+    if rank == 0:
+        print(f"optimizer: {type(engine.optimizer).__name__}, DeepSpeed ZeRO stage {engine.zero_optimization_stage()}, "
+              f"{args.precision}")
     progress = {"step": 0, "epoch": 0, "batches_done": 0}
     if args.resume:
         folder, progress = resume_from_checkpoint(engine, args, rank)
