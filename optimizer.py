@@ -19,6 +19,7 @@ class MasterWeightAdamW(torch.optim.AdamW):
     """`groups` are param groups of the model's parameters; AdamW itself sees fp32 copies of them (the masters)."""
 
     def __init__(self, groups, max_grad_norm=0.0, **adamw):
+        """The parameters must be on their training device already: the masters are made next to them."""
         self.model_params = [p for group in groups for p in group["params"]]
         masters = [{**group, "params": [p.detach().float() for p in group["params"]]} for group in groups]
         super().__init__(masters, **adamw)

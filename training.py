@@ -272,6 +272,8 @@ def build_engine(model, args, world_size, device, total_steps):
         engine.lr_scheduler = scheduler
     else:
         master_weights = uses_master_weight_adamw(args, world_size)
+        if master_weights:
+            model.to(device)  # the fp32 masters are made where the parameters are now (DeepSpeed would move them later)
         optimizer = make_optimizer(model, args, device, master_weights)
         scheduler = make_scheduler(optimizer, args, total_steps)
         engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
