@@ -2,10 +2,11 @@
 
 `transformers.generate` grows its cache by concatenation and rebuilds masks and positions on the host at every
 step; at batch 50 on a 6B model that host work, not the GPU, sets the pace (45 ms per step where reading the
-weights takes 4 ms). Here the prompt is run once through the model's forward (the cache is filled in place), then
-every decode step has the same shapes: the new token of each row, its positions (the model's
-`decode_position_ids`), and a mask over the whole cache capacity that uncovers one more key per step. Such a step
-can be captured once and replayed (`torch.cuda.CUDAGraph`), so a step costs one launch on the host.
+weights takes 4 ms). Here the prompt is run once through the model's forward (the cache is filled in place, each
+row's keys without its padding), then every decode step has the same shapes: the new token of each row, its
+positions (the model's `decode_position_ids`), and the cache, which does the step's attention over each row's own
+keys (`StaticKVCache.attend`). Such a step can be captured once and replayed (`torch.cuda.CUDAGraph`), so a step
+costs one launch on the host.
 
 The tokens equal greedy `generate()`'s: every row is computed independently of the others, a row that has
 finished keeps decoding (its extra tokens are cut at its first stop token), and the host looks at the stop

@@ -258,6 +258,7 @@ def run_training_variant(method, gradient_checkpointing, reference, steps, warmu
     return {"family": FAMILY, "method": method, "gradient_checkpointing": gradient_checkpointing,
             "reference_config": reference, "compiled": compiled, "compile_mode": compile_mode, "bucket": bucket,
             "step_graphs": step_graphs, "group_by_length": group_by_length, "synced_phases_ms": phases,
+            "optimizer": type(engine.optimizer).__name__,
             "trainable_params": trainable, "ms_per_step": round(seconds * 1000, 1),
             "real_tokens_per_s": round(real_tokens / seconds), "s_per_epoch": round(seconds * steps_per_epoch, 1),
             "min_for_5_epochs": round(seconds * steps_per_epoch * 5 / 60, 2),
@@ -465,7 +466,8 @@ def markdown_table(report):
              + (f", lengths padded to x{r['bucket']}" if r.get("bucket") else "")
              + (", blocks as CUDA graphs" if r.get("compile_mode") == "reduce-overhead" else "")
              + (", step as CUDA graphs" if r.get("step_graphs") else "")
-             + (", --group_by_length" if r.get("group_by_length") else ""))
+             + (", --group_by_length" if r.get("group_by_length") else "")
+             + (f", {r['optimizer']}" if r.get("optimizer") else ""))
         ratio = "" if r["reference_config"] or (family, r["method"]) not in reference else \
             f"{reference[family, r['method']] / r['ms_per_step']:.1f}x"
         lines.append(f"| {MODEL_NAMES[family]} | {r['method']} | {config} | {r['ms_per_step']} | {r['real_tokens_per_s']} | "
