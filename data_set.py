@@ -16,6 +16,7 @@ is cut at `max_len`. Labels are -100 on the context. Batches are padded to their
 import json
 import random
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 from torch.utils.data import Dataset, Sampler
@@ -251,6 +252,46 @@ class PadToLongest:
             input_ids[i, :len(e["input_ids"])] = torch.tensor(e["input_ids"])
             labels[i, :len(e["labels"])] = torch.tensor(e["labels"])
         collated = {"input_ids": input_ids, "labels": labels}
+        if self.with_label_positions:
+            collated["label_positions"] = labelled_positions(labels, self.multiple)
+        return collated
+
+
+@dataclass
+class PackRows:
+    """Collate a batch into one sequence: its rows one after another, then padding up to a multiple of `multiple`.
+
+    Padding a random pair of rows to the longer one computes 722 tokens per 514 real ones on the spo lengths;
+    packed, a step computes about 546. Each row attends only to itself: the `attention_mask` [1, 1, seq, seq] is
+    block-diagonal, each block the mask the model uses for that row alone, and each row's `position_ids` are its
+    own (`row_inputs(input_ids, config)` -> (positions [..., n], mask [n, n]): the model file's
+    `packed_row_inputs`). The loss is the same (the mean over the batch's labelled tokens; a row's last token
+    predicts nothing, since the next row starts with context). Padding tokens see only themselves."""
+    pad_token_id: int
+    row_inputs: Callable
+    config: object
+    multiple: int = 0
+    with_label_positions: bool = False
+
+    def __call__(self, batch):
+        width = round_up(sum(len(e["input_ids"]) for e in batch), self.multiple)
+        input_ids = torch.full((1, width), self.pad_token_id, dtype=torch.long)
+        labels = torch.full((1, width), -100, dtype=torch.long)
+        mask = torch.zeros(1, 1, width, width, dtype=torch.bool)
+        positions, start = None, 0
+        for e in batch:
+            ids = torch.tensor(e["input_ids"])
+            end = start + len(ids)
+            row_positions, row_mask = self.row_inputs(ids, self.config)
+            if positions is None:
+                positions = torch.zeros(1, *row_positions.shape[:-1], width, dtype=torch.long)
+            input_ids[0, start:end], labels[0, start:start + len(e["labels"])] = ids, torch.tensor(e["labels"])
+            positions[0, ..., start:end] = row_positions
+            mask[0, 0, start:end, start:end] = row_mask
+            start = end
+        padding = torch.arange(start, width)
+        mask[0, 0, padding, padding] = True  # a query with no key at all would make NaN, in the backward too
+        collated = {"input_ids": input_ids, "labels": labels, "position_ids": positions, "attention_mask": mask}
         if self.with_label_positions:
             collated["label_positions"] = labelled_positions(labels, self.multiple)
         return collated

@@ -18,7 +18,9 @@ import torch
 from configuration_chatglm import ChatGLMConfig
 from configuration_chatglm2 import ChatGLMConfig as ChatGLM2Config
 from modeling_chatglm import ChatGLMForConditionalGeneration
+from modeling_chatglm import packed_row_inputs as chatglm6b_packed_row_inputs
 from modeling_chatglm2 import ChatGLMForConditionalGeneration as ChatGLM2ForConditionalGeneration
+from modeling_chatglm2 import packed_row_inputs as chatglm2_packed_row_inputs
 from tokenization_chatglm import ChatGLMTokenizer
 from tokenization_chatglm2 import ChatGLMTokenizer as ChatGLM2Tokenizer
 
@@ -46,6 +48,8 @@ class ModelFamily:
     tokenizer_kwargs: dict = field(default_factory=dict)
     stop_tokens: tuple = ()  # names of tokens that end an answer besides the eos token
     answer_text: Callable = str.strip  # generated text -> the answer
+    # (one row's input_ids, model config) -> (position_ids, bool mask) of the row alone: for packing rows
+    packed_row_inputs: Callable = None
 
     def num_layers(self, config):
         return config.num_layers
@@ -81,7 +85,7 @@ CHATGLM6B = ModelFamily(
     model_class=ChatGLMForConditionalGeneration, tokenizer_class=ChatGLMTokenizer, tokenizer_file="ice_text.model",
     layers_prefix="transformer.layers.{}.", prompt_prefix="transformer.prefix_encoder.",
     lora_target="query_key_value", build_training_ids=chatglm6b_training_ids,
-    build_prompt_ids=chatglm6b_prompt_ids,
+    build_prompt_ids=chatglm6b_prompt_ids, packed_row_inputs=chatglm6b_packed_row_inputs,
 )
 
 
@@ -126,6 +130,7 @@ CHATGLM2 = ModelFamily(
     tokenizer_class=ChatGLM2Tokenizer, tokenizer_file="tokenizer.model", tokenizer_kwargs={"role_tokens": False},
     layers_prefix="transformer.encoder.layers.{}.", prompt_prefix="transformer.prefix_encoder.",
     lora_target="query_key_value", build_training_ids=chatglm2_training_ids, build_prompt_ids=chatglm2_prompt_ids,
+    packed_row_inputs=chatglm2_packed_row_inputs,
 )
 
 
@@ -179,6 +184,7 @@ CHATGLM3 = ModelFamily(
     lora_target="query_key_value", build_training_ids=chatglm3_training_ids, build_prompt_ids=chatglm3_prompt_ids,
     build_conversation_ids=chatglm3_conversation_ids, build_conversation_prompt=chatglm3_conversation_prompt,
     stop_tokens=("<|user|>", "<|observation|>"), answer_text=chatglm3_answer_text,
+    packed_row_inputs=chatglm2_packed_row_inputs,
 )
 
 FAMILIES = {f.name: f for f in [CHATGLM6B, CHATGLM2, CHATGLM3]}

@@ -93,6 +93,22 @@ def glm_attention_mask(key_valid, context_len, past_len, num_queries):
     return (visible & key_valid[:, None, :])[:, None]
 
 
+def packed_rows_mask(mask, prefix_keys, unsupported):
+    """The bool mask of packed rows, with P-Tuning v2's prefix keys visible to every token."""
+    if unsupported:
+        raise ValueError("packed rows take neither a cache nor soft prompt tokens (--prompt_embedding_only)")
+    return torch.cat([mask.new_ones(*mask.shape[:3], prefix_keys), mask], dim=-1).bool()
+
+
+def packed_row_inputs(input_ids, config):
+    """(position_ids [2, n], bool mask [n, n]) of one unpadded row, as the model computes them for it alone: what
+    data_set.PackRows puts on the row's stretch of a packed sequence."""
+    row = input_ids[None]
+    _, context_len, _ = glm_context_info(row, None, config)
+    mask = glm_attention_mask(torch.ones_like(row, dtype=torch.bool), context_len, 0, row.shape[1])
+    return glm_position_ids(row, None, config)[0], mask[0, 0]
+
+
 def glm_rotary_cos_sin(position_ids, head_dim, dtype):
     """cos and sin [batch, 1, seq, head_dim] for 2D rotary: the first half of each head rotates with the position,
     the second half with the block position. Frequencies are rounded to float16 as in the official checkpoint."""
@@ -358,7 +374,11 @@ class ChatGLMModel(PromptSlots, ChatGLMPreTrainedModel):
         return BaseModelOutputWithPast(last_hidden_state=hidden, past_key_values=past_key_values)
 
     def build_attention_mask(self, input_ids, attention_mask, past, first_call, virtual):
-        """Keys are [prefix keys | soft prompt tokens | cached tokens | new tokens]; returns the bool SDPA mask."""
+        """Keys are [prefix keys | soft prompt tokens | cached tokens | new tokens]; returns the bool SDPA mask.
+
+        A 4D `attention_mask` [batch, 1, seq, seq] is taken as given (packed rows: data_set.PackRows)."""
+        if attention_mask is not None and attention_mask.dim() == 4:
+            return packed_rows_mask(attention_mask, self.num_prefix_keys, virtual or past)
         batch, seq = input_ids.shape
         device = input_ids.device
         token_keys = past + seq

@@ -23,7 +23,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 
 from configuration_chatglm2 import ChatGLMConfig
 from modeling_chatglm import (MASKED_SCORE, SDPA_BACKENDS, NonReentrantCheckpointing, PromptSlots, first_index,
-                              keep_torch_default_init, labelled_token_loss)
+                              keep_torch_default_init, labelled_token_loss, packed_rows_mask)
 
 ROPE_BASE = 10000.0
 
@@ -33,6 +33,12 @@ def left_padding(attention_mask, batch, device):
         return torch.zeros(batch, dtype=torch.long, device=device)
     width = attention_mask.shape[1]
     return first_index(attention_mask != 0, torch.full((batch,), width, device=device))
+
+
+def packed_row_inputs(input_ids, config):
+    """(position_ids [n], bool mask [n, n]) of one unpadded row alone: positions from 0, causal attention."""
+    n = input_ids.shape[0]
+    return torch.arange(n), torch.ones(n, n, dtype=torch.bool).tril()
 
 
 def rotary_cos_sin(positions, head_dim, rope_ratio, dtype):
@@ -228,8 +234,8 @@ class ChatGLMModel(PromptSlots, ChatGLMPreTrainedModel):
         first_call = past_key_values is None or past_key_values.get_seq_length() == 0
         virtual = self.num_virtual_tokens if first_call else 0
         hidden = self.embedding(input_ids) if inputs_embeds is None else inputs_embeds
-        pad = left_padding(attention_mask, batch, device)
         if position_ids is None:  # soft prompt tokens take positions 0 .. n-1, the row's tokens follow them
+            pad = left_padding(attention_mask, batch, device)
             position_ids = (torch.arange(past, past + seq, device=device)[None] - pad[:, None]).clamp(min=0) + \
                 self.num_virtual_tokens
         if virtual:
@@ -248,7 +254,9 @@ class ChatGLMModel(PromptSlots, ChatGLMPreTrainedModel):
         """Bool [batch, 1, queries, keys] (True = may attend), or None when plain causal attention is exact.
 
         Keys are [prefix keys | soft prompt tokens | cached tokens | new tokens]; on the first call the queries are
-        [soft prompt tokens | new tokens]."""
+        [soft prompt tokens | new tokens]. A 4D `attention_mask` is taken as given (packed rows: data_set.PackRows)."""
+        if attention_mask is not None and attention_mask.dim() == 4:
+            return packed_rows_mask(attention_mask, self.num_prefix_keys, self.num_virtual_tokens or past)
         padded = attention_mask is not None and not bool(attention_mask.all())
         leading = self.num_prefix_keys + self.num_virtual_tokens
         if not padded and not leading and past == 0:

@@ -127,17 +127,26 @@ def random_row(config, length, answer):
     return ids, context
 
 
-def make_batches(profile, config, n, pad_to=None, seed=0, bucket=None, group_by_length=False):
+def make_batches(profile, config, n, pad_to=None, seed=0, bucket=None, group_by_length=False, pack=False):
     """Batches of two training rows with the spo lengths, padded to their longest row (or `pad_to`, or up to a
     multiple of `bucket`): random pairs, or with `group_by_length` the pairs the training sampler makes with
-    --group_by_length."""
-    from data_set import EpochSampler, round_up
+    --group_by_length. With `pack`, each pair is one sequence instead (data_set.PackRows, as --pack_rows)."""
+    from data_set import EpochSampler, PackRows, round_up
+    from model_family import FAMILIES
+    packer = PackRows(config.pad_token_id, FAMILIES[FAMILY].packed_row_inputs, config, bucket or 0) if pack else None
     rng = random.Random(seed)
     rows = list(zip(profile["train_lengths"], profile["train_label_tokens"]))
     grouped = list(EpochSampler(profile["train_lengths"], 2, seed, group_by_length=True)) if group_by_length else []
     batches = []
     for i in range(n):
         pair = [rows[j] for j in grouped[2 * i:2 * i + 2]] if group_by_length else rng.sample(rows, 2)
+        if packer:
+            made = [random_row(config, length, answer) for length, answer in pair]
+            batch = packer([{"input_ids": ids.tolist(), "labels": [-100] * context + ids[context:].tolist()}
+                            for ids, context in made])
+            batches.append({**batch, "real_tokens": sum(length for length, _ in pair),
+                            "row_lengths": [length for length, _ in pair]})
+            continue
         width = pad_to or round_up(max(length for length, _ in pair), bucket)
         input_ids = torch.full((2, width), config.pad_token_id, dtype=torch.long)
         labels = torch.full((2, width), -100, dtype=torch.long)
@@ -165,7 +174,8 @@ def train_flops(batch, config, method, trainable_layers):
     """Model FLOPs of one training step (no recomputation counted).
 
     Per layer the matmuls hold W weights (`layer_weights`): forward 2 W per token; attention 4 s^2 h per
-    sequence (QK^T and PV over the full square, as computed). The head is applied only
+    sequence (QK^T and PV over the full square, as computed; a packed sequence counts each row's own square,
+    the useful work, though the kernel computes the packed square with a mask). The head is applied only
     where a label is (loss_only) or, in the reference config, everywhere. Backward: activation gradients (the
     forward's cost again, attention twice) through every layer the gradient must cross, plus weight gradients
     (the forward's cost again) for trained weights. LoRA, P-Tuning v2 and the embedding-only prompt need
@@ -174,7 +184,7 @@ def train_flops(batch, config, method, trainable_layers):
     h, layers, vocab, weights = config.hidden_size, config.num_layers, config.vocab_size, layer_weights(config)
     labels = batch["labels"]
     tokens = labels.numel() if batch.get("padded") else batch["real_tokens"]
-    seq_lens = [labels.shape[1]] * 2 if batch.get("padded") else \
+    seq_lens = [labels.shape[1]] * 2 if batch.get("padded") else batch.get("row_lengths") or \
         [int((row != config.pad_token_id).sum()) for row in batch["input_ids"]]
     head_tokens = tokens if batch.get("full_logits") else int((labels[:, 1:] != -100).sum())
     layer_fwd = 2 * weights * tokens + sum(4 * s * s * h for s in seq_lens)
@@ -188,8 +198,11 @@ def train_flops(batch, config, method, trainable_layers):
     return forward + backward
 
 
+MODEL_INPUTS = ("input_ids", "labels", "label_positions", "position_ids", "attention_mask")
+
+
 def run_training_variant(method, gradient_checkpointing, reference, steps, warmup, compile_blocks_=True,
-                         compile_mode=None, bucket=None, step_graphs=False, group_by_length=False):
+                         compile_mode=None, bucket=None, step_graphs=False, group_by_length=False, pack_rows=False):
     from model_family import FAMILIES
     from data_set import labelled_positions
     from training import build_engine, compile_blocks, setup_distributed
@@ -220,7 +233,7 @@ def run_training_variant(method, gradient_checkpointing, reference, steps, warmu
     if step_graphs:
         bucket = bucket or 64
     batches = make_batches(load_profile(), config, warmup + steps, pad_to=768 if reference else None, bucket=bucket,
-                           group_by_length=group_by_length)
+                           group_by_length=group_by_length, pack=pack_rows)
     for b in batches:
         b["padded"], b["full_logits"] = reference, reference
         if step_graphs:
@@ -229,9 +242,9 @@ def run_training_variant(method, gradient_checkpointing, reference, steps, warmu
     if step_graphs:
         from training_graphs import TrainingGraphs
         graphs = TrainingGraphs(engine.module, device)
-        batch_loss = lambda b: graphs({k: b[k] for k in ("input_ids", "labels", "label_positions")})
+        batch_loss = lambda b: graphs({k: b[k] for k in MODEL_INPUTS if k in b})
     else:
-        batch_loss = lambda b: engine(input_ids=b["input_ids"].to(device), labels=b["labels"].to(device),
+        batch_loss = lambda b: engine(**{k: b[k].to(device) for k in MODEL_INPUTS if k in b},
                                       loss_only=not reference).loss
 
     def step(b):
@@ -257,7 +270,8 @@ def run_training_variant(method, gradient_checkpointing, reference, steps, warmu
     steps_per_epoch = REFERENCE_EPOCH_ROWS // 2
     return {"family": FAMILY, "method": method, "gradient_checkpointing": gradient_checkpointing,
             "reference_config": reference, "compiled": compiled, "compile_mode": compile_mode, "bucket": bucket,
-            "step_graphs": step_graphs, "group_by_length": group_by_length, "synced_phases_ms": phases,
+            "step_graphs": step_graphs, "group_by_length": group_by_length, "pack_rows": pack_rows,
+            "synced_phases_ms": phases,
             "optimizer": type(engine.optimizer).__name__,
             "trainable_params": trainable, "ms_per_step": round(seconds * 1000, 1),
             "real_tokens_per_s": round(real_tokens / seconds), "s_per_epoch": round(seconds * steps_per_epoch, 1),
@@ -467,6 +481,7 @@ def markdown_table(report):
              + (", blocks as CUDA graphs" if r.get("compile_mode") == "reduce-overhead" else "")
              + (", step as CUDA graphs" if r.get("step_graphs") else "")
              + (", --group_by_length" if r.get("group_by_length") else "")
+             + (", --pack_rows" if r.get("pack_rows") else "")
              + (f", {r['optimizer']}" if r.get("optimizer") else ""))
         ratio = "" if r["reference_config"] or (family, r["method"]) not in reference else \
             f"{reference[family, r['method']] / r['ms_per_step']:.1f}x"
@@ -512,6 +527,8 @@ def main():
                         "per-block CUDA-graph variants (an earlier experiment)")
     parser.add_argument("--step_graphs", action="store_true", help="replay each step's forward and backward as "
                         "CUDA graphs (training_graphs.py; lengths padded to a multiple of --bucket, default 64)")
+    parser.add_argument("--pack_rows", action="store_true", help="each pair of rows as one sequence, as the training "
+                        "scripts' --pack_rows")
     parser.add_argument("--group_by_length", action="store_true", help="pair rows as the training scripts' "
                         "--group_by_length does (less padding) instead of at random")
     parser.add_argument("--variants_matching", default=None, help="with --predict: only the variants whose name "
@@ -532,7 +549,7 @@ def main():
     elif args.variant:
         print(json.dumps(run_training_variant(args.variant, args.gc, args.reference, args.steps, args.warmup,
                                               not args.no_compile, args.compile_mode, args.bucket,
-                                              args.step_graphs, args.group_by_length)), flush=True)
+                                              args.step_graphs, args.group_by_length, args.pack_rows)), flush=True)
         # shut the process group down before exit: once in a CI run (CPU) a communication thread left running
         # aborted the process at exit ("terminate called without an active exception") after its result was printed
         torch.distributed.destroy_process_group()
