@@ -266,7 +266,8 @@ class PackRows:
     block-diagonal, each block the mask the model uses for that row alone, and each row's `position_ids` are its
     own (`row_inputs(input_ids, config)` -> (positions [..., n], mask [n, n]): the model file's
     `packed_row_inputs`). The loss is the same (the mean over the batch's labelled tokens; a row's last token
-    predicts nothing, since the next row starts with context). Padding tokens see only themselves."""
+    predicts nothing, since the next row starts with context). Padding tokens see only themselves. One difference
+    in randomness: P-Tuning v2's prefix dropout draws one mask for the sequence, so the packed rows share it."""
     pad_token_id: int
     row_inputs: Callable
     config: object
