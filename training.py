@@ -615,6 +615,7 @@ def main(method, argv=None):
     args = build_parser(method).parse_args(argv)
     args.precision = resolve_precision(args)
     rank, world_size, device = setup_distributed()
+    args.pack_rows = resolve_pack_rows(args, device)  # a refusal comes before the model loads
     seed_everything(args.seed)
     from data_set import EpochSampler
     family, tokenizer, train_set, eval_loader, model = load_inputs(args, method, rank)
@@ -626,7 +627,6 @@ def main(method, argv=None):
     if args.compile or (args.compile is None and device.type == "cuda"):
         compile_blocks(model)
     args.cuda_graphs = resolve_cuda_graphs(args, device)
-    args.pack_rows = resolve_pack_rows(args, device)
     trainable, total = count_parameters(model)
     if rank == 0:
         print(f"{method.name}: trainable parameters {trainable:,} / {total:,} ({100 * trainable / total:.4f}%)")

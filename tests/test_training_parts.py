@@ -8,7 +8,7 @@ import torch
 import pytest
 
 from conftest import ROOT
-from training import check_finite, deepspeed_config, resolve_cuda_graphs, schedule_length
+from training import check_finite, deepspeed_config, resolve_cuda_graphs, resolve_pack_rows, schedule_length
 
 
 @pytest.mark.parametrize("value", [float("nan"), float("inf")])
@@ -38,6 +38,29 @@ def test_deepspeed_config_is_built_from_the_arguments():
 def test_bf16_skips_deepspeeds_per_gradient_overflow_check():
     config = deepspeed_config(args(precision="bf16", offload=False), world_size=1)
     assert config["bf16"] == {"enabled": True, "check_grad_overflow": False} and "fp16" not in config
+
+
+def test_one_bf16_process_hands_deepspeed_the_master_weight_optimizer_and_no_mixed_precision():
+    config = deepspeed_config(args(precision="bf16", offload=False, zero_stage=1), world_size=1)
+    assert config["zero_optimization"] == {"stage": 0} and "bf16" not in config and "fp16" not in config
+    assert config["gradient_clipping"] == 0.0  # optimizer.MasterWeightAdamW clips
+    assert config["train_batch_size"] == 2 * 3
+    # several processes, or ZeRO-2, keep DeepSpeed's own bf16 optimizer
+    assert config != deepspeed_config(args(precision="bf16", offload=False, zero_stage=1), world_size=2)
+    assert deepspeed_config(args(precision="bf16", offload=False, zero_stage=2), world_size=1)["bf16"]["enabled"]
+
+
+@pytest.mark.parametrize("device, overrides, expected", [
+    ("cuda", {}, True), ("cpu", {}, False), ("cuda", {"train_batch_size": 1}, False),
+    ("cuda", {"prompt_embedding_only": True}, False), ("cpu", {"pack_rows": True}, True),
+    ("cuda", {"pack_rows": False}, False)])
+def test_packing_rows_defaults_to_on_where_it_helps(device, overrides, expected):
+    assert resolve_pack_rows(args(**{"pack_rows": None, **overrides}), torch.device(device)) is expected
+
+
+def test_asking_to_pack_soft_prompt_rows_is_refused_before_anything_loads():
+    with pytest.raises(SystemExit, match="--pack_rows cannot be used here"):
+        resolve_pack_rows(args(pack_rows=True, prompt_embedding_only=True), torch.device("cuda"))
 
 
 @pytest.mark.parametrize("device, overrides, expected", [
