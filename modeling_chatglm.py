@@ -97,7 +97,7 @@ def packed_rows_mask(mask, prefix_keys, unsupported):
     """The bool mask of packed rows, with P-Tuning v2's prefix keys visible to every token."""
     if unsupported:
         raise ValueError("packed rows take neither a cache nor soft prompt tokens (--prompt_embedding_only)")
-    return torch.cat([mask.new_ones(*mask.shape[:3], prefix_keys), mask], dim=-1).bool()
+    return torch.cat([mask.new_ones(*mask.shape[:3], prefix_keys), mask], dim=-1) if prefix_keys else mask
 
 
 def packed_row_inputs(input_ids, config):
