@@ -178,7 +178,8 @@ def greedy_decode(model, input_ids, attention_mask, max_new_tokens, stop_ids, cu
     decoder.prefill(prefill_rows)
     cuda_graph = input_ids.is_cuda if cuda_graph is None else cuda_graph
     graphs = CapturedSteps(decoder.step) if cuda_graph else None
-    cache, longest = decoder.cache, cache_longest(decoder)
+    cache = decoder.cache
+    longest = cache.leading + int(decoder.prompt_lengths.max())  # slots the longest row holds before step one
     done = 1
     while done < max_new_tokens:
         if stop_ids and done % check_every == 0 and finished(decoder.generated, done, stop_ids):
@@ -189,11 +190,6 @@ def greedy_decode(model, input_ids, attention_mask, max_new_tokens, stop_ids, cu
         graphs.run(cache.visible) if graphs else decoder.step()
         done += 1
     return decoder.generated[:, :done]
-
-
-def cache_longest(decoder):
-    """Slots the longest row holds before its first decode step."""
-    return decoder.cache.leading + int(decoder.prompt_lengths.max())
 
 
 class CapturedSteps:
