@@ -353,7 +353,8 @@ def save_checkpoint(engine, method, args, tokenizer, progress, rank):
     if rank == 0:
         method.save(engine.module, state, tmp, args)
         tokenizer.save_pretrained(tmp)
-        write_json_atomic(os.path.join(tmp, TRAINING_ARGS_FILE), {"method": method.name, **vars(args)})
+        write_json_atomic(os.path.join(tmp, TRAINING_ARGS_FILE),
+                          {"method": method.name, "optimizer": type(engine.optimizer).__name__, **vars(args)})
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         with open(os.path.join(args.output_dir, "latest.tmp"), "w") as f:
@@ -374,10 +375,23 @@ def delete_old_checkpoints(output_dir, keep):
         shutil.rmtree(os.path.join(output_dir, f"checkpoint-{step}"), ignore_errors=True)
 
 
+def check_same_optimizer(folder, engine):
+    """The optimizer state's layout depends on the optimizer (MasterWeightAdamW in one bf16 process, DeepSpeed's
+    ZeRO optimizers otherwise): a mismatch is refused here, before DeepSpeed fails on it mid-load."""
+    with open(os.path.join(folder, TRAINING_ARGS_FILE), encoding="utf-8") as f:
+        saved = json.load(f)
+    written, now = saved.get("optimizer"), type(engine.optimizer).__name__
+    if written and written != now:
+        raise SystemExit(f"error: --resume: {folder} was written with the {written} optimizer (precision "
+                         f"{saved.get('precision')}, --zero_stage {saved.get('zero_stage')}) and this run uses {now}: "
+                         f"resume with the same precision, --zero_stage, --offload and number of processes")
+
+
 def resume_from_checkpoint(engine, args, rank):
     folder = latest_checkpoint(args.output_dir)
     if folder is None:
         raise SystemExit(f"--resume: no complete checkpoint in {args.output_dir} (no 'latest' file)")
+    check_same_optimizer(folder, engine)
     _, progress = engine.load_checkpoint(os.path.join(folder, "ds_state"), tag="state", load_module_strict=False)
     rng = torch.load(os.path.join(folder, f"rng_state_{rank}.pt"), weights_only=False)
     random.setstate(rng["python"])

@@ -130,6 +130,16 @@ def test_bf16_in_one_process_follows_deepspeeds_own_mixed_precision_optimizer(ti
     assert curves[1] == pytest.approx(curves[2], rel=tolerance)
 
 
+def test_resuming_with_another_optimizer_is_a_clear_error(tiny_model_dir, few_rows, tmp_path):
+    out = str(tmp_path / "run")
+    launch("finetuning_lora.py", *resume_args(tiny_model_dir, few_rows, out, "--bf16"), "--stop_after_steps", 2)
+    result = launch("finetuning_lora.py", *resume_args(tiny_model_dir, few_rows, out, "--bf16"), "--resume",
+                    "--zero_stage", 2, check=False)
+    assert result.returncode != 0
+    assert "was written with the MasterWeightAdamW optimizer" in result.stdout + result.stderr
+    assert os.path.isdir(os.path.join(out, "checkpoint-2"))  # nothing lost
+
+
 def test_bf16_with_checkpointing_grouping_and_eval(tiny_model_dir, tmp_path):
     out = str(tmp_path / "bf16")
     result = launch("finetuning_lora.py", "--model_dir", tiny_model_dir, "--output_dir", out, "--bf16",
