@@ -262,11 +262,12 @@ class PackRows:
     """Collate a batch into one sequence: its rows one after another, then padding up to a multiple of `multiple`.
 
     Padding a random pair of rows to the longer one computes 722 tokens per 514 real ones on the spo lengths;
-    packed, a step computes about 546. Each row attends only to itself: the `attention_mask` [1, 1, seq, seq] is
-    block-diagonal, each block the mask the model uses for that row alone, and each row's `position_ids` are its
-    own (`row_inputs(input_ids, config)` -> (positions [..., n], mask [n, n]): the model file's
-    `packed_row_inputs`). The loss is the same (the mean over the batch's labelled tokens; a row's last token
-    predicts nothing, since the next row starts with context). Padding tokens see only themselves. One difference
+    packed, a step computes about 546. Each row attends only to itself, as it would alone: `packed_rows` [rows, 2]
+    holds each row's (length, bidirectional length), from which the model attends over each row's own blocks,
+    and each row's `position_ids` are its own (`row_inputs(input_ids, config)` -> (positions [..., n],
+    bidirectional length): the model file's `packed_row_inputs`). The padding at the end counts as part of the
+    last row, after its tokens, where no real token sees it. The loss is the same (the mean over the batch's
+    labelled tokens; a row's last token predicts nothing, since the next row starts with context). One difference
     in randomness: P-Tuning v2's prefix dropout draws one mask for the sequence, so the packed rows share it."""
     pad_token_id: int
     row_inputs: Callable
@@ -278,21 +279,20 @@ class PackRows:
         width = round_up(sum(len(e["input_ids"]) for e in batch), self.multiple)
         input_ids = torch.full((1, width), self.pad_token_id, dtype=torch.long)
         labels = torch.full((1, width), -100, dtype=torch.long)
-        mask = torch.zeros(1, 1, width, width, dtype=torch.bool)
+        rows = torch.zeros(len(batch), 2, dtype=torch.long)
         positions, start = None, 0
-        for e in batch:
+        for i, e in enumerate(batch):
             ids = torch.tensor(e["input_ids"])
             end = start + len(ids)
-            row_positions, row_mask = self.row_inputs(ids, self.config)
+            row_positions, rows[i, 1] = self.row_inputs(ids, self.config)
             if positions is None:
                 positions = torch.zeros(1, *row_positions.shape[:-1], width, dtype=torch.long)
             input_ids[0, start:end], labels[0, start:start + len(e["labels"])] = ids, torch.tensor(e["labels"])
             positions[0, ..., start:end] = row_positions
-            mask[0, 0, start:end, start:end] = row_mask
+            rows[i, 0] = len(ids)
             start = end
-        padding = torch.arange(start, width)
-        mask[0, 0, padding, padding] = True  # a query with no key at all would make NaN, in the backward too
-        collated = {"input_ids": input_ids, "labels": labels, "position_ids": positions, "attention_mask": mask}
+        rows[-1, 0] += width - start
+        collated = {"input_ids": input_ids, "labels": labels, "position_ids": positions, "packed_rows": rows}
         if self.with_label_positions:
             collated["label_positions"] = labelled_positions(labels, self.multiple)
         return collated

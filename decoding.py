@@ -18,12 +18,7 @@ P-Tuning prefixes (they are written into the cache by the prompt's forward) and 
 import torch
 
 from data_set import round_up
-
-
-def flash_decoding_available(tensor):
-    """Flash attention's variable-length kernel (Ampere or newer, half precision) reads each row's own keys only."""
-    return (tensor.is_cuda and tensor.dtype in (torch.float16, torch.bfloat16)
-            and torch.cuda.get_device_capability(tensor.device)[0] >= 8 and tensor.shape[-1] % 8 == 0)
+from modeling_chatglm import flash_varlen_available as flash_decoding_available
 
 
 class StaticKVCache:
@@ -80,7 +75,7 @@ class StaticKVCache:
         if layer_idx not in self.keys:
             shape = (self.batch, self.capacity, key.shape[1], key.shape[3])
             self.keys[layer_idx], self.values[layer_idx] = key.new_zeros(shape), value.new_zeros(shape)
-            self.flash = flash_decoding_available(key)
+            self.flash = flash_decoding_available(key, key.shape[-1])
         rows, slots = self.prompt_rows[:, None], self.prompt_slots
         self.keys[layer_idx][rows, slots] = key.transpose(1, 2)
         self.values[layer_idx][rows, slots] = value.transpose(1, 2)

@@ -93,20 +93,129 @@ def glm_attention_mask(key_valid, context_len, past_len, num_queries):
     return (visible & key_valid[:, None, :])[:, None]
 
 
-def packed_rows_mask(mask, prefix_keys, unsupported):
-    """The bool mask of packed rows, with P-Tuning v2's prefix keys visible to every token."""
-    if unsupported:
-        raise ValueError("packed rows take neither a cache nor soft prompt tokens (--prompt_embedding_only)")
-    return torch.cat([mask.new_ones(*mask.shape[:3], prefix_keys), mask], dim=-1) if prefix_keys else mask
-
-
 def packed_row_inputs(input_ids, config):
-    """(position_ids [2, n], bool mask [n, n]) of one unpadded row, as the model computes them for it alone: what
-    data_set.PackRows puts on the row's stretch of a packed sequence."""
+    """(position_ids [2, n], bidirectional length) of one unpadded row, as the model computes them for it alone:
+    what data_set.PackRows records for the row's stretch of a packed sequence. The row's context (the tokens
+    before <sop>) attends both ways; from <sop> on attention is causal."""
     row = input_ids[None]
     _, context_len, _ = glm_context_info(row, None, config)
-    mask = glm_attention_mask(torch.ones_like(row, dtype=torch.bool), context_len, 0, row.shape[1])
-    return glm_position_ids(row, None, config)[0], mask[0, 0]
+    return glm_position_ids(row, None, config)[0], int(context_len[0])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Packed rows: a batch's rows one after another in one sequence (data_set.PackRows), each attending to itself only
+# ----------------------------------------------------------------------------------------------------------------
+
+def flash_varlen_available(tensor, head_dim):
+    """Flash attention's variable-length kernel runs on `tensor`'s device and dtype (Ampere or newer, half
+    precision) for this head size."""
+    return (tensor.is_cuda and tensor.dtype in (torch.float16, torch.bfloat16)
+            and torch.cuda.get_device_capability(tensor.device)[0] >= 8 and head_dim % 8 == 0 and head_dim <= 256)
+
+
+def packed_row_layout(rows, width):
+    """Per token of a packed sequence: its row, its position in that row, and whether it is in the row's
+    bidirectional part. `rows` [n, 2] holds each row's (length, bidirectional length); the lengths add up to
+    `width` (data_set.PackRows gives the padding at the end to the last row, after its tokens)."""
+    lengths, bidirectional = rows[:, 0], rows[:, 1]
+    row_of = torch.repeat_interleave(torch.arange(rows.shape[0], device=rows.device), lengths, output_size=width)
+    position = torch.arange(width, device=rows.device) - (lengths.cumsum(0) - lengths)[row_of]
+    return row_of, position, position < bidirectional[row_of]
+
+
+def packed_rows_mask(rows, width, prefix_keys):
+    """The bool mask [1, 1, width, prefix_keys + width] of packed rows: each token sees the prefix keys and its own
+    row's keys, the bidirectional part both ways and the rest causally (what each row's own mask would be)."""
+    row_of, position, in_both_ways = packed_row_layout(rows, width)
+    own_row = row_of[:, None] == row_of[None, :]
+    visible = own_row & ((position[None, :] <= position[:, None]) | in_both_ways[None, :])
+    return torch.cat([visible.new_ones(width, prefix_keys), visible], dim=1)[None, None]
+
+
+def cumulative_lengths(lengths):
+    """[0, l0, l0 + l1, ...] as int32: flash attention's `cu_seqlens`."""
+    return F.pad(lengths.cumsum(0), (1, 0)).int()
+
+
+def with_prefix_slots(token_slot, prefix_start, prefix_keys):
+    """Gather index into [prefix keys | tokens] that puts token i at `token_slot[i]` and the prefix keys at
+    `prefix_start[r] ... + prefix_keys` for each sequence r."""
+    count, width = prefix_start.shape[0], token_slot.shape[0]
+    prefix = torch.arange(prefix_keys, device=token_slot.device)
+    index = torch.empty(width + count * prefix_keys, dtype=torch.long, device=token_slot.device)
+    index[token_slot] = torch.arange(width, device=token_slot.device) + prefix_keys
+    index[(prefix_start[:, None] + prefix).reshape(-1)] = prefix.repeat(count)
+    return index
+
+
+class PackedRows:
+    """Attention over packed rows through flash attention's variable-length kernel, which computes only each
+    row's own blocks (a mask over the whole sequence makes every block computed; see packed_rows_mask).
+
+    One causal call covers every row whole ([prefix keys | the row's keys] for each). A row's bidirectional part
+    then needs its own call: the tokens are regathered as [each row's bidirectional part | each row's rest], each
+    part attending to its prefix keys and itself both ways (the rests only to themselves, discarded), and these
+    outputs replace the causal call's on the bidirectional tokens. Every index is built here once per forward,
+    on the device, at sizes fixed by the sequence's width and row count: nothing waits for the host and a step
+    with packed rows can be captured as a CUDA graph. `bidirectional=False` (causal models) skips the second call."""
+
+    def __init__(self, rows, width, prefix_keys, bidirectional):
+        lengths, both_ways = rows[:, 0], rows[:, 1]
+        row_of, _, in_both_ways = packed_row_layout(rows, width)
+        count = rows.shape[0]
+        starts, each_row = lengths.cumsum(0) - lengths, torch.arange(count, device=rows.device)
+        self.row_starts = cumulative_lengths(lengths)
+        self.causal_key_starts = cumulative_lengths(lengths + prefix_keys)
+        tokens = torch.arange(width, device=rows.device)
+        self.causal_keys = with_prefix_slots(tokens + prefix_keys * (row_of + 1), starts + prefix_keys * each_row,
+                                             prefix_keys) if prefix_keys else None
+        self.in_both_ways = in_both_ways if bidirectional else None
+        if bidirectional:
+            # the order [bidirectional parts, row by row | the rests, row by row]: where each token goes
+            rank_both = in_both_ways.cumsum(0) - 1
+            rank_rest = (~in_both_ways).cumsum(0) - 1
+            self.regathered_at = torch.where(in_both_ways, rank_both, in_both_ways.sum() + rank_rest)
+            self.regather = torch.empty_like(tokens).scatter_(0, self.regathered_at, tokens)
+            self.part_starts = cumulative_lengths(torch.cat([both_ways, lengths - both_ways]))
+            self.part_key_starts = cumulative_lengths(torch.cat([both_ways + prefix_keys, lengths - both_ways]))
+            slot = self.regathered_at + prefix_keys * torch.where(in_both_ways, row_of + 1, count)
+            both_ways_starts = both_ways.cumsum(0) - both_ways
+            self.part_keys = with_prefix_slots(slot, both_ways_starts + prefix_keys * each_row, prefix_keys) \
+                if prefix_keys else self.regather
+
+    def attend(self, query, key, value):
+        """query [1, heads, width, head_dim], key/value [1, kv_heads, prefix_keys + width, head_dim] -> like query."""
+        query, key, value = (t[0].transpose(0, 1) for t in (query, key, value))  # flash's layout: [tokens, heads, dim]
+        width, total_keys = query.shape[0], key.shape[0]
+        causal_key, causal_value = (key, value) if self.causal_keys is None else \
+            (key[self.causal_keys], value[self.causal_keys])
+        output = flash_varlen(query, causal_key, causal_value, self.row_starts, self.causal_key_starts,
+                              width, total_keys, causal=True)
+        if self.in_both_ways is not None:
+            both_ways = flash_varlen(query[self.regather], key[self.part_keys], value[self.part_keys],
+                                     self.part_starts, self.part_key_starts, width, total_keys, causal=False)
+            output = torch.where(self.in_both_ways[:, None, None], both_ways[self.regathered_at], output)
+        return output.transpose(0, 1)[None]
+
+
+def packed_rows_attention(rows, hidden, prefix_keys, bidirectional, config, unsupported):
+    """What the layers attend with for rows packed into one sequence (`rows` [n, 2], see data_set.PackRows):
+    flash attention over each row's own blocks where it runs, else the block-diagonal mask."""
+    if unsupported:
+        raise ValueError("packed rows take neither a cache nor soft prompt tokens (--prompt_embedding_only)")
+    width, head_dim = hidden.shape[1], getattr(config, "kv_channels", config.hidden_size // config.num_attention_heads)
+    if config._attn_implementation != "eager" and flash_varlen_available(hidden, head_dim):
+        return PackedRows(rows, width, prefix_keys, bidirectional)
+    return packed_rows_mask(rows, width, prefix_keys)
+
+
+def flash_varlen(query, key, value, query_starts, key_starts, max_queries, max_keys, causal):
+    """Flash attention over sequences laid one after another ([tokens, heads, head_dim]; `*_starts` = cu_seqlens).
+    The maxima may be upper bounds (the kernel reads each sequence's own length): the width, fixed per shape.
+    A causal query i of a sequence with more keys than queries sees keys up to i + (keys - queries)."""
+    return torch.ops.aten._flash_attention_forward(
+        query, key, value, query_starts, key_starts, max_queries, max_keys, 0.0, causal, False,
+        scale=query.shape[-1] ** -0.5)[0]
 
 
 def glm_rotary_cos_sin(position_ids, head_dim, dtype):
@@ -212,6 +321,8 @@ class SelfAttention(nn.Module):
             value = torch.cat([prefix_kv[1], value], dim=2)
         if getattr(past_key_values, "attends_decode_step", False):  # decoding.StaticKVCache, past the prompt
             context = past_key_values.attend(query, key, value, self.layer_idx)
+        elif isinstance(attention_mask, PackedRows):
+            context = attention_mask.attend(query, key, value)
         else:
             if past_key_values is not None:
                 key, value = past_key_values.update(key, value, self.layer_idx)
@@ -340,7 +451,7 @@ class ChatGLMModel(PromptSlots, ChatGLMPreTrainedModel):
         return [(prefix[2 * i], prefix[2 * i + 1]) for i in range(cfg.num_layers)]
 
     def forward(self, input_ids=None, position_ids=None, attention_mask=None, past_key_values=None,
-                inputs_embeds=None, use_cache=None, **kwargs):
+                inputs_embeds=None, use_cache=None, packed_rows=None, **kwargs):
         if input_ids is None:
             raise ValueError("ChatGLM needs input_ids: its masks and positions are read from the [gMASK]/<sop> tokens")
         batch, seq = input_ids.shape
@@ -352,6 +463,8 @@ class ChatGLMModel(PromptSlots, ChatGLMPreTrainedModel):
 
         hidden = self.word_embeddings(input_ids) if inputs_embeds is None else inputs_embeds
         if position_ids is None:
+            if packed_rows is not None:
+                raise ValueError("packed rows need their own position_ids (data_set.PackRows makes both)")
             if not first_call:
                 raise ValueError("position_ids are needed when decoding from a cache (generate() passes them)")
             position_ids = glm_position_ids(input_ids, attention_mask, self.config, offset=self.num_virtual_tokens)
@@ -362,7 +475,11 @@ class ChatGLMModel(PromptSlots, ChatGLMPreTrainedModel):
             soft_positions = torch.stack([soft, torch.zeros_like(soft)])[None].expand(batch, -1, -1)
             position_ids = torch.cat([soft_positions, position_ids], dim=2)
 
-        mask = self.build_attention_mask(input_ids, attention_mask, past, first_call, virtual)
+        if packed_rows is not None:
+            mask = packed_rows_attention(packed_rows, hidden, self.num_prefix_keys, True, self.config,
+                                         virtual or past)
+        else:
+            mask = self.build_attention_mask(input_ids, attention_mask, past, first_call, virtual)
         prefix_kv = None
         if first_call and self.num_prefix_keys:
             prefix_kv = self.prefix_key_values(batch, hidden.dtype)
@@ -374,11 +491,7 @@ class ChatGLMModel(PromptSlots, ChatGLMPreTrainedModel):
         return BaseModelOutputWithPast(last_hidden_state=hidden, past_key_values=past_key_values)
 
     def build_attention_mask(self, input_ids, attention_mask, past, first_call, virtual):
-        """Keys are [prefix keys | soft prompt tokens | cached tokens | new tokens]; returns the bool SDPA mask.
-
-        A 4D `attention_mask` [batch, 1, seq, seq] is taken as given (packed rows: data_set.PackRows)."""
-        if attention_mask is not None and attention_mask.dim() == 4:
-            return packed_rows_mask(attention_mask, self.num_prefix_keys, virtual or past)
+        """Keys are [prefix keys | soft prompt tokens | cached tokens | new tokens]; returns the bool SDPA mask."""
         batch, seq = input_ids.shape
         device = input_ids.device
         token_keys = past + seq
@@ -414,11 +527,13 @@ class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin):
 
     def forward(self, input_ids=None, position_ids=None, attention_mask=None, past_key_values=None,
                 inputs_embeds=None, labels=None, use_cache=None, loss_only=False, logits_to_keep=0,
-                label_positions=None, **kwargs):
+                label_positions=None, packed_rows=None, **kwargs):
         """`loss_only=True` (training) projects only the positions that have a label: the same loss, no full logits
-        (`label_positions`: those positions chosen beforehand, see `labelled_token_loss`)."""
+        (`label_positions`: those positions chosen beforehand, see `labelled_token_loss`). `packed_rows`: the
+        batch is rows packed into one sequence (data_set.PackRows)."""
         out = self.transformer(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask,
-                               past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache)
+                               past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
+                               packed_rows=packed_rows)
         hidden = out.last_hidden_state
         if labels is not None and loss_only:
             loss = labelled_token_loss(self.lm_head, hidden, labels, label_positions)

@@ -22,8 +22,8 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
 from configuration_chatglm2 import ChatGLMConfig
-from modeling_chatglm import (MASKED_SCORE, SDPA_BACKENDS, NonReentrantCheckpointing, PromptSlots, first_index,
-                              keep_torch_default_init, labelled_token_loss, packed_rows_mask)
+from modeling_chatglm import (MASKED_SCORE, SDPA_BACKENDS, NonReentrantCheckpointing, PackedRows, PromptSlots,
+                              first_index, keep_torch_default_init, labelled_token_loss, packed_rows_attention)
 
 ROPE_BASE = 10000.0
 
@@ -36,9 +36,8 @@ def left_padding(attention_mask, batch, device):
 
 
 def packed_row_inputs(input_ids, config):
-    """(position_ids [n], bool mask [n, n]) of one unpadded row alone: positions from 0, causal attention."""
-    n = input_ids.shape[0]
-    return torch.arange(n), torch.ones(n, n, dtype=torch.bool).tril()
+    """(position_ids [n], bidirectional length) of one unpadded row alone: positions from 0, causal attention."""
+    return torch.arange(input_ids.shape[0]), 0
 
 
 def rotary_cos_sin(positions, head_dim, rope_ratio, dtype):
@@ -112,6 +111,8 @@ class SelfAttention(nn.Module):
         if getattr(past_key_values, "attends_decode_step", False):  # decoding.StaticKVCache, past the prompt
             context = past_key_values.attend(query, key, value, self.layer_idx)
             return self.dense(context.transpose(1, 2).reshape(batch, seq, -1))
+        if isinstance(mask, PackedRows):  # flash attention reads each group's keys for its heads itself
+            return self.dense(mask.attend(query, key, value).transpose(1, 2).reshape(batch, seq, -1))
         if past_key_values is not None:
             key, value = past_key_values.update(key, value, self.layer_idx)
         # each group of keys/values serves heads / groups consecutive query heads
@@ -225,7 +226,7 @@ class ChatGLMModel(PromptSlots, ChatGLMPreTrainedModel):
         return [(prefix[2 * i], prefix[2 * i + 1]) for i in range(cfg.num_layers)]
 
     def forward(self, input_ids=None, position_ids=None, attention_mask=None, past_key_values=None,
-                inputs_embeds=None, use_cache=None, **kwargs):
+                inputs_embeds=None, use_cache=None, packed_rows=None, **kwargs):
         batch, seq = input_ids.shape
         device = input_ids.device
         if use_cache and past_key_values is None:
@@ -235,6 +236,8 @@ class ChatGLMModel(PromptSlots, ChatGLMPreTrainedModel):
         virtual = self.num_virtual_tokens if first_call else 0
         hidden = self.embedding(input_ids) if inputs_embeds is None else inputs_embeds
         if position_ids is None:  # soft prompt tokens take positions 0 .. n-1, the row's tokens follow them
+            if packed_rows is not None:
+                raise ValueError("packed rows need their own position_ids (data_set.PackRows makes both)")
             pad = left_padding(attention_mask, batch, device)
             position_ids = (torch.arange(past, past + seq, device=device)[None] - pad[:, None]).clamp(min=0) + \
                 self.num_virtual_tokens
@@ -243,7 +246,11 @@ class ChatGLMModel(PromptSlots, ChatGLMPreTrainedModel):
             hidden = torch.cat([soft[None].expand(batch, -1, -1), hidden], dim=1)
             position_ids = torch.cat([torch.arange(virtual, device=device)[None].expand(batch, -1), position_ids], 1)
         cos, sin = rotary_cos_sin(position_ids, self.config.kv_channels, self.config.rope_ratio, hidden.dtype)
-        mask = self.build_attention_mask(attention_mask, batch, seq, past, first_call, device)
+        if packed_rows is not None:
+            mask = packed_rows_attention(packed_rows, hidden, self.num_prefix_keys, False, self.config,
+                                         self.num_virtual_tokens or past)
+        else:
+            mask = self.build_attention_mask(attention_mask, batch, seq, past, first_call, device)
         prefix_kv = self.prefix_key_values(batch, hidden.dtype) if first_call and self.num_prefix_keys else None
         for i, layer in enumerate(self.encoder.layers):
             hidden = layer(hidden, cos, sin, mask, past_key_values, None if prefix_kv is None else prefix_kv[i])
@@ -254,9 +261,7 @@ class ChatGLMModel(PromptSlots, ChatGLMPreTrainedModel):
         """Bool [batch, 1, queries, keys] (True = may attend), or None when plain causal attention is exact.
 
         Keys are [prefix keys | soft prompt tokens | cached tokens | new tokens]; on the first call the queries are
-        [soft prompt tokens | new tokens]. A 4D `attention_mask` is taken as given (packed rows: data_set.PackRows)."""
-        if attention_mask is not None and attention_mask.dim() == 4:
-            return packed_rows_mask(attention_mask, self.num_prefix_keys, self.num_virtual_tokens or past)
+        [soft prompt tokens | new tokens]."""
         padded = attention_mask is not None and not bool(attention_mask.all())
         leading = self.num_prefix_keys + self.num_virtual_tokens
         if not padded and not leading and past == 0:
@@ -285,11 +290,13 @@ class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin):
 
     def forward(self, input_ids=None, position_ids=None, attention_mask=None, past_key_values=None,
                 inputs_embeds=None, labels=None, use_cache=None, loss_only=False, logits_to_keep=0,
-                label_positions=None, **kwargs):
+                label_positions=None, packed_rows=None, **kwargs):
         """`loss_only=True` (training) projects only the positions that have a label: the same loss, no full logits
-        (`label_positions`: those positions chosen beforehand, see `labelled_token_loss`)."""
+        (`label_positions`: those positions chosen beforehand, see `labelled_token_loss`). `packed_rows`: the
+        batch is rows packed into one sequence (data_set.PackRows)."""
         out = self.transformer(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask,
-                               past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache)
+                               past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
+                               packed_rows=packed_rows)
         hidden, head = out.last_hidden_state, self.transformer.output_layer
         if labels is not None and loss_only:
             loss = labelled_token_loss(head, hidden, labels, label_positions)

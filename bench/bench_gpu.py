@@ -198,7 +198,7 @@ def train_flops(batch, config, method, trainable_layers):
     return forward + backward
 
 
-MODEL_INPUTS = ("input_ids", "labels", "label_positions", "position_ids", "attention_mask")
+MODEL_INPUTS = ("input_ids", "labels", "label_positions", "position_ids", "attention_mask", "packed_rows")
 
 
 def run_training_variant(method, gradient_checkpointing, reference, steps, warmup, compile_blocks_=True,

@@ -105,7 +105,7 @@ def test_flash_decode_attention_equals_the_masked_one(kv_heads):
         cache.set_prompt_rows(torch.arange(4, device="cuda"), width=17)
         cache.update(key, value, layer_idx=0)
         cache.start_decoding()
-        cache.flash = flash and decoding.flash_decoding_available(key)
+        cache.flash = flash and decoding.flash_decoding_available(key, key.shape[-1])
         assert cache.flash == flash
         for _ in range(3):  # three steps, each row at its own slot
             query = torch.randn(4, 4, 1, 64, device="cuda", dtype=torch.bfloat16)
@@ -125,6 +125,6 @@ def test_flash_decoding_gives_the_masked_decodings_tokens_in_bf16(family_model_d
     model = load_model(folder, pre_seq_len=3).cuda().to(torch.bfloat16).eval()
     input_ids, attention_mask = (t.cuda() for t in batch_for(folder))
     flash = greedy_decode(model, input_ids, attention_mask, 20, stop_ids=[])
-    monkeypatch.setattr(decoding, "flash_decoding_available", lambda tensor: False)
+    monkeypatch.setattr(decoding, "flash_decoding_available", lambda tensor, head_dim: False)
     masked = greedy_decode(model, input_ids, attention_mask, 20, stop_ids=[], bucket=8)
     assert flash.tolist() == masked.tolist()

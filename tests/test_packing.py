@@ -2,9 +2,35 @@
 import pytest
 import torch
 
+import modeling_chatglm
 from data_set import PackRows, PadToLongest
 from model_family import family_for, load_model
+from modeling_chatglm import PackedRows, packed_rows_mask
 from test_training_graphs import LONG, SHORT, rows_for
+
+GPU = pytest.mark.skipif(not torch.cuda.is_available(), reason="flash attention needs a GPU")
+
+
+def varlen_attention_by_hand(query, key, value, query_starts, key_starts, max_queries, max_keys, causal):
+    """What flash attention's variable-length kernel computes, one sequence at a time (for the CPU tests)."""
+    outputs = []
+    for i in range(len(query_starts) - 1):
+        q = query[query_starts[i]:query_starts[i + 1]]
+        k, v = (t[key_starts[i]:key_starts[i + 1]] for t in (key, value))
+        k, v = (t.repeat_interleave(q.shape[1] // t.shape[1], dim=1) for t in (k, v))
+        scores = torch.einsum("qhd,khd->hqk", q, k) * q.shape[-1] ** -0.5
+        if causal:  # aligned at the bottom right: query j sees keys up to j + (keys - queries)
+            seen = torch.ones(len(q), len(k), dtype=torch.bool).tril(len(k) - len(q))
+            scores = scores.masked_fill(~seen, float("-inf"))
+        outputs.append(torch.einsum("hqk,khd->qhd", scores.softmax(-1), v))
+    return torch.cat(outputs)
+
+
+@pytest.fixture
+def flash_by_hand(monkeypatch):
+    """The flash path of packed rows on the CPU, with the kernel computed by hand."""
+    monkeypatch.setattr(modeling_chatglm, "flash_varlen_available", lambda tensor, head_dim: True)
+    monkeypatch.setattr(modeling_chatglm, "flash_varlen", varlen_attention_by_hand)
 
 
 def packed_and_padded(folder, rows, tokenizer, config, multiple=8):
@@ -13,9 +39,13 @@ def packed_and_padded(folder, rows, tokenizer, config, multiple=8):
     return packed(rows), PadToLongest(tokenizer.pad_token_id, multiple, with_label_positions=True)(rows)
 
 
+@pytest.mark.parametrize("attention", ["mask", "flash_by_hand"])
 @pytest.mark.parametrize("prompt", [{}, {"pre_seq_len": 3, "prefix_dropout": 0.0}])
 @pytest.mark.parametrize("family", ["chatglm", "chatglm2", "chatglm3"])
-def test_packed_rows_give_the_padded_batchs_loss_and_gradients(family_model_dirs, family, prompt):
+def test_packed_rows_give_the_padded_batchs_loss_and_gradients(family_model_dirs, family, prompt, attention,
+                                                                request):
+    if attention == "flash_by_hand":
+        request.getfixturevalue("flash_by_hand")
     folder = family_model_dirs[family]
     model = load_model(folder, dtype=torch.float32, **prompt).train()
     rows, tokenizer = rows_for(folder, SHORT + LONG)  # four rows of different lengths
@@ -34,17 +64,19 @@ def test_packed_rows_give_the_padded_batchs_loss_and_gradients(family_model_dirs
         torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
 
 
-def test_each_row_sees_only_itself_and_padding_only_itself(family_model_dirs):
+def test_each_row_sees_only_itself_and_padding_nothing_real(family_model_dirs):
     folder = family_model_dirs["chatglm"]
     rows, tokenizer = rows_for(folder, SHORT)
     config = load_model(folder).config
     packed, _ = packed_and_padded(folder, rows, tokenizer, config, multiple=64)
-    mask, first = packed["attention_mask"][0, 0], len(rows[0]["input_ids"])
-    end = first + len(rows[1]["input_ids"])
-    assert not mask[:first, first:].any() and not mask[first:end, :first].any()
-    assert mask[end:, end:].equal(torch.eye(64 - end, dtype=torch.bool))
-    # ChatGLM-6B's context is seen both ways: the first token sees the row's [gMASK]; the answer is causal
+    first, second = len(rows[0]["input_ids"]), len(rows[1]["input_ids"])
+    end = first + second
     gmask = rows[0]["input_ids"].index(tokenizer.gmask_token_id)
+    context = [row["input_ids"].index(tokenizer.bos_token_id) for row in rows]  # the tokens before <sop>
+    assert packed["packed_rows"].tolist() == [[first, context[0]], [64 - first, context[1]]]  # padding: last row
+    mask = packed_rows_mask(packed["packed_rows"], 64, prefix_keys=0)[0, 0]
+    assert not mask[:first, first:].any() and not mask[first:end, :first].any() and not mask[:end, end:].any()
+    # ChatGLM-6B's context is seen both ways: the first token sees the row's [gMASK]; the answer is causal
     assert gmask > 0 and mask[0, gmask] and not mask[gmask + 1, gmask + 2] and mask[gmask + 2, gmask + 1]
     assert packed["position_ids"].shape == (1, 2, 64) and packed["position_ids"][0, 0, first] == 0  # row 2 from 0
 
@@ -88,3 +120,52 @@ def test_asking_to_pack_soft_prompt_rows_is_a_clear_error(tiny_model_dir, tmp_pa
     result = launch("finetuning_pt.py", "--model_dir", tiny_model_dir, "--output_dir", tmp_path, "--pre_seq_len", 4,
                     "--prompt_embedding_only", "--pack_rows", launcher=False, check=False)
     assert result.returncode != 0 and "error: --pack_rows cannot be used here" in result.stderr, result.stderr[-2000:]
+
+
+@pytest.mark.parametrize("bidirectional", [True, False])
+@pytest.mark.parametrize("prefix_keys", [0, 3])
+def test_packed_rows_index_the_kernel_as_the_mask_does(bidirectional, prefix_keys):
+    """PackedRows with the kernel computed by hand equals attention under packed_rows_mask, a row without a
+    bidirectional part and one that is all bidirectional included (values and gradients)."""
+    torch.manual_seed(0)
+    rows = torch.tensor([[5, 3], [1, 0], [4, 4], [6, 2]]) if bidirectional else torch.tensor([[5, 0], [1, 0], [10, 0]])
+    width, heads, groups, dim = int(rows[:, 0].sum()), 4, 2, 8
+    query = torch.randn(1, heads, width, dim, requires_grad=True)
+    key, value = (torch.randn(1, groups, prefix_keys + width, dim, requires_grad=True) for _ in range(2))
+    mask = packed_rows_mask(rows, width, prefix_keys)
+    expected = torch.nn.functional.scaled_dot_product_attention(
+        query, key.repeat_interleave(2, dim=1), value.repeat_interleave(2, dim=1), attn_mask=mask)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(modeling_chatglm, "flash_varlen", varlen_attention_by_hand)
+        got = PackedRows(rows, width, prefix_keys, bidirectional).attend(query, key, value)
+    torch.testing.assert_close(got, expected)
+    weights = torch.randn_like(got)
+    grads = torch.autograd.grad((got * weights).sum(), (query, key, value))
+    for grad, expected_grad in zip(grads, torch.autograd.grad((expected * weights).sum(), (query, key, value))):
+        torch.testing.assert_close(grad, expected_grad)
+
+
+@GPU
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("bidirectional", [True, False])
+@pytest.mark.parametrize("prefix_keys", [0, 16])
+def test_flash_attention_over_packed_rows_equals_the_masked_attention(bidirectional, prefix_keys, dtype):
+    torch.manual_seed(0)
+    lengths = [300, 17, 451, 0] if bidirectional else [300, 17, 451]
+    rows = torch.tensor([[n, n * 2 // 3] if bidirectional else [n, 0] for n in lengths])
+    rows[-1, 0] += 64 * 13 - int(rows[:, 0].sum())  # padding, as PackRows adds it
+    width, heads, groups, dim = int(rows[:, 0].sum()), 32, 2, 128
+    query = torch.randn(1, heads, width, dim, device="cuda", dtype=dtype, requires_grad=True)
+    key, value = (torch.randn(1, groups, prefix_keys + width, dim, device="cuda", dtype=dtype, requires_grad=True)
+                  for _ in range(2))
+    rows = rows.cuda()
+    got = PackedRows(rows, width, prefix_keys, bidirectional).attend(query, key, value)
+    expected = torch.nn.functional.scaled_dot_product_attention(
+        query.float(), key.float().repeat_interleave(16, dim=1), value.float().repeat_interleave(16, dim=1),
+        attn_mask=packed_rows_mask(rows, width, prefix_keys))
+    torch.testing.assert_close(got.float(), expected, atol=2e-2, rtol=2e-2)
+    weights = torch.randn_like(got)
+    grads = torch.autograd.grad((got * weights).sum(), (query, key, value))
+    expected_grads = torch.autograd.grad((expected * weights.float()).sum(), (query, key, value))
+    for grad, expected_grad in zip(grads, expected_grads):
+        torch.testing.assert_close(grad.float(), expected_grad.float(), atol=5e-2, rtol=5e-2)
