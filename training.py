@@ -288,7 +288,10 @@ def build_engine(model, args, world_size, device, total_steps):
     else:
         master_weights = uses_master_weight_adamw(args, world_size)
         if master_weights:
-            model.to(device)  # the fp32 masters are made where the parameters are now (DeepSpeed would move them later)
+            # the fp32 masters are made where the parameters are now (DeepSpeed would move them later), from bf16
+            # parameters as DeepSpeed's bf16 engine would cast them: PEFT keeps LoRA's adapters in fp32, which made
+            # every adapter matmul an fp32 one with its input cast to fp32
+            model.to(device=device, dtype=DTYPES[args.precision])
         optimizer = make_optimizer(model, args, device, master_weights)
         scheduler = make_scheduler(optimizer, args, total_steps)
         engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
