@@ -202,7 +202,8 @@ MODEL_INPUTS = ("input_ids", "labels", "label_positions", "position_ids", "atten
 
 
 def run_training_variant(method, gradient_checkpointing, reference, steps, warmup, compile_blocks_=True,
-                         compile_mode=None, bucket=None, step_graphs=False, group_by_length=False, pack_rows=False):
+                         compile_mode=None, bucket=None, step_graphs=False, group_by_length=False, pack_rows=False,
+                         profile_kernels=False):
     from model_family import FAMILIES
     from data_set import labelled_positions
     from training import build_engine, compile_blocks, setup_distributed
@@ -264,6 +265,8 @@ def run_training_variant(method, gradient_checkpointing, reference, steps, warmu
     sync()
     seconds = (time.perf_counter() - start) / steps
     phases = step_phases(step, batches[warmup:], engine, batch_loss)
+    if profile_kernels:
+        print_kernel_profile(step, batches[warmup:warmup + 10])
     measured = batches[warmup:]
     real_tokens = sum(b["real_tokens"] for b in measured) / steps
     flops = sum(train_flops(b, config, method, 5) for b in measured) / steps
@@ -277,6 +280,43 @@ def run_training_variant(method, gradient_checkpointing, reference, steps, warmu
             "real_tokens_per_s": round(real_tokens / seconds), "s_per_epoch": round(seconds * steps_per_epoch, 1),
             "min_for_5_epochs": round(seconds * steps_per_epoch * 5 / 60, 2),
             "peak_gib": peak_gib(), "mfu": round(flops / seconds / PEAK_FLOPS, 3), "gpu": device_name()}
+
+
+# first match wins: flash attention's kernel names mention cutlass types
+KERNEL_KINDS = [("attention", ("flash", "fmha", "attention")), ("matmul", ("gemm", "nvjet", "xmma", "cutlass", "cublas")),
+                ("compiled (triton)", ("triton",)), ("copy / fill", ("memcpy", "memset", "copy", "fill")),
+                ("index / scatter", ("index", "scatter", "gather")), ("reduction", ("reduce",))]
+
+
+def kernel_kind(name):
+    lowered = name.lower()
+    return next((kind for kind, marks in KERNEL_KINDS if any(m in lowered for m in marks)), "other")
+
+
+def print_kernel_profile(step, batches):
+    """GPU time per kernel kind and the top kernels over `batches` steps (CUDA graph replays included), against
+    the wall time: what the GPU computes and how long it sits idle."""
+    from torch.profiler import ProfilerActivity, profile
+    sync()
+    start = time.perf_counter()
+    on_gpu = torch.cuda.is_available()  # on the CPU (the tests' tiny model) operators stand in for kernels
+    with profile(activities=[ProfilerActivity.CUDA if on_gpu else ProfilerActivity.CPU]) as prof:
+        for b in batches:
+            step(b)
+        sync()
+    wall = (time.perf_counter() - start) * 1000 / len(batches)
+    kinds, kernels = {}, []
+    for event in prof.key_averages():
+        gpu_ms = (event.self_device_time_total if on_gpu else event.self_cpu_time_total) / 1000 / len(batches)
+        if gpu_ms <= 0:
+            continue
+        kinds[kernel_kind(event.key)] = kinds.get(kernel_kind(event.key), 0.0) + gpu_ms
+        kernels.append((gpu_ms, event.count // len(batches), event.key[:90]))
+    print(f"kernel profile: {wall:.1f} ms per step under the profiler, GPU busy {sum(kinds.values()):.1f} ms", flush=True)
+    for kind, ms in sorted(kinds.items(), key=lambda kv: -kv[1]):
+        print(f"  {kind:20s} {ms:7.2f} ms/step")
+    for ms, count, name in sorted(kernels, reverse=True)[:25]:
+        print(f"  {ms:7.2f} ms {count:5d}x  {name}")
 
 
 def step_phases(step, batches, engine, batch_loss):
@@ -537,6 +577,8 @@ def main():
                         "of the static decoder (grouped by length; 50 = all at once)")
     parser.add_argument("--decode_bucket", type=int, default=64, help="with --predict: the static decoder's cache "
                         "slots per CUDA graph (attention reads the visible slots rounded up to this)")
+    parser.add_argument("--profile_kernels", action="store_true", help="with --variant: also print the GPU time per "
+                        "kernel kind and the top kernels of 10 steps")
     parser.add_argument("--local_rank", type=int, default=-1)
     args = parser.parse_args()
     global TINY, FAMILY
@@ -549,7 +591,8 @@ def main():
     elif args.variant:
         print(json.dumps(run_training_variant(args.variant, args.gc, args.reference, args.steps, args.warmup,
                                               not args.no_compile, args.compile_mode, args.bucket,
-                                              args.step_graphs, args.group_by_length, args.pack_rows)), flush=True)
+                                              args.step_graphs, args.group_by_length, args.pack_rows,
+                                              args.profile_kernels)), flush=True)
         # shut the process group down before exit: once in a CI run (CPU) a communication thread left running
         # aborted the process at exit ("terminate called without an active exception") after its result was printed
         torch.distributed.destroy_process_group()
