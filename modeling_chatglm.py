@@ -137,12 +137,12 @@ def cumulative_lengths(lengths):
     return F.pad(lengths.cumsum(0), (1, 0)).int()
 
 
-def with_prefix_slots(token_slot, prefix_start, prefix_keys):
-    """Gather index into [prefix keys | tokens] that puts token i at `token_slot[i]` and the prefix keys at
-    `prefix_start[r] ... + prefix_keys` for each sequence r."""
+def with_prefix_slots(token_slot, prefix_start, prefix_keys, spare=0):
+    """Gather index into [prefix keys | tokens] that puts token i at `token_slot[i]`, the prefix keys at
+    `prefix_start[r] ...` for each row r, and key 0 at the `spare` slots left over at the end."""
     count, width = prefix_start.shape[0], token_slot.shape[0]
     prefix = torch.arange(prefix_keys, device=token_slot.device)
-    index = torch.empty(width + count * prefix_keys, dtype=torch.long, device=token_slot.device)
+    index = torch.zeros(width + count * prefix_keys + spare, dtype=torch.long, device=token_slot.device)
     index[token_slot] = torch.arange(width, device=token_slot.device) + prefix_keys
     index[(prefix_start[:, None] + prefix).reshape(-1)] = prefix.repeat(count)
     return index
@@ -152,49 +152,60 @@ class PackedRows:
     """Attention over packed rows through flash attention's variable-length kernel, which computes only each
     row's own blocks (a mask over the whole sequence makes every block computed; see packed_rows_mask).
 
-    One causal call covers every row whole ([prefix keys | the row's keys] for each). A row's bidirectional part
-    then needs its own call: the tokens are regathered as [each row's bidirectional part | each row's rest], each
-    part attending to its prefix keys and itself both ways (the rests only to themselves, discarded), and these
-    outputs replace the causal call's on the bidirectional tokens. Every index is built here once per forward,
-    on the device, at sizes fixed by the sequence's width and row count: nothing waits for the host and a step
-    with packed rows can be captured as a CUDA graph. `bidirectional=False` (causal models) skips the second call."""
+    Causal rows (`bidirectional=False`) take one causal call, each row's keys being [prefix keys | its tokens].
+    ChatGLM-6B's rows begin with a bidirectional part, so there the tokens are regathered as [every row's causal
+    part | every row's bidirectional part] and attend in two calls:
+    - causal: each causal part to [prefix keys | its whole row]; the bidirectional parts together form one more
+      sequence with a single spare key, whose output (zero where no key is visible) is not used;
+    - both ways: each bidirectional part to [prefix keys | itself]; each causal part to itself (not used).
+    Every query and key row belongs to a sequence in both calls (the kernel leaves the others unwritten, in the
+    backward too), and every index is built here once per forward, on the device, at sizes fixed by the width
+    and row count: nothing waits for the host, and a step with packed rows can be captured as a CUDA graph."""
 
     def __init__(self, rows, width, prefix_keys, bidirectional):
-        lengths, both_ways = rows[:, 0], rows[:, 1]
-        row_of, _, in_both_ways = packed_row_layout(rows, width)
-        count = rows.shape[0]
-        starts, each_row = lengths.cumsum(0) - lengths, torch.arange(count, device=rows.device)
-        self.row_starts = cumulative_lengths(lengths)
-        self.causal_key_starts = cumulative_lengths(lengths + prefix_keys)
-        tokens = torch.arange(width, device=rows.device)
-        self.causal_keys = with_prefix_slots(tokens + prefix_keys * (row_of + 1), starts + prefix_keys * each_row,
-                                             prefix_keys) if prefix_keys else None
-        self.in_both_ways = in_both_ways if bidirectional else None
-        if bidirectional:
-            # the order [bidirectional parts, row by row | the rests, row by row]: where each token goes
-            rank_both = in_both_ways.cumsum(0) - 1
-            rank_rest = (~in_both_ways).cumsum(0) - 1
-            self.regathered_at = torch.where(in_both_ways, rank_both, in_both_ways.sum() + rank_rest)
-            self.regather = torch.empty_like(tokens).scatter_(0, self.regathered_at, tokens)
-            self.part_starts = cumulative_lengths(torch.cat([both_ways, lengths - both_ways]))
-            self.part_key_starts = cumulative_lengths(torch.cat([both_ways + prefix_keys, lengths - both_ways]))
-            slot = self.regathered_at + prefix_keys * torch.where(in_both_ways, row_of + 1, count)
-            both_ways_starts = both_ways.cumsum(0) - both_ways
-            self.part_keys = with_prefix_slots(slot, both_ways_starts + prefix_keys * each_row, prefix_keys) \
-                if prefix_keys else self.regather
+        lengths = rows[:, 0]
+        both_ways = rows[:, 1] if bidirectional else torch.zeros_like(lengths)
+        row_of, _, in_both_ways = packed_row_layout(torch.stack([lengths, both_ways], 1), width)
+        count, device = rows.shape[0], rows.device
+        each_row, tokens = torch.arange(count, device=device), torch.arange(width, device=device)
+        causal = lengths - both_ways
+        self.bidirectional = bidirectional
+        row_key_starts = lengths.cumsum(0) - lengths + prefix_keys * each_row
+        self.causal_keys = with_prefix_slots(tokens + prefix_keys * (row_of + 1), row_key_starts, prefix_keys,
+                                             spare=int(bidirectional)) if prefix_keys or bidirectional else None
+        if not bidirectional:
+            self.causal_query_starts = cumulative_lengths(lengths)
+            self.causal_key_starts = cumulative_lengths(lengths + prefix_keys)
+            return
+        one = torch.ones(1, dtype=lengths.dtype, device=device)
+        causal_total = causal.sum()
+        self.regathered_at = torch.where(in_both_ways, causal_total + in_both_ways.cumsum(0) - 1,
+                                         (~in_both_ways).cumsum(0) - 1)
+        self.regather = torch.empty_like(tokens).scatter_(0, self.regathered_at, tokens)
+        self.from_both_ways = tokens >= causal_total  # in the regathered order
+        self.causal_query_starts = cumulative_lengths(torch.cat([causal, both_ways.sum()[None]]))
+        self.causal_key_starts = cumulative_lengths(torch.cat([lengths + prefix_keys, one]))
+        self.both_ways_query_starts = cumulative_lengths(torch.cat([causal, both_ways]))
+        self.both_ways_key_starts = cumulative_lengths(torch.cat([causal, both_ways + prefix_keys]))
+        slot = self.regathered_at + prefix_keys * torch.where(in_both_ways, row_of + 1, 0)
+        prefix_starts = causal_total + both_ways.cumsum(0) - both_ways + prefix_keys * each_row
+        self.both_ways_keys = with_prefix_slots(slot, prefix_starts, prefix_keys) if prefix_keys else self.regather
 
     def attend(self, query, key, value):
         """query [1, heads, width, head_dim], key/value [1, kv_heads, prefix_keys + width, head_dim] -> like query."""
         query, key, value = (t[0].transpose(0, 1) for t in (query, key, value))  # flash's layout: [tokens, heads, dim]
-        width, total_keys = query.shape[0], key.shape[0]
+        width = query.shape[0]
+        if self.bidirectional:
+            query = query[self.regather]
         causal_key, causal_value = (key, value) if self.causal_keys is None else \
             (key[self.causal_keys], value[self.causal_keys])
-        output = flash_varlen(query, causal_key, causal_value, self.row_starts, self.causal_key_starts,
-                              width, total_keys, causal=True)
-        if self.in_both_ways is not None:
-            both_ways = flash_varlen(query[self.regather], key[self.part_keys], value[self.part_keys],
-                                     self.part_starts, self.part_key_starts, width, total_keys, causal=False)
-            output = torch.where(self.in_both_ways[:, None, None], both_ways[self.regathered_at], output)
+        output = flash_varlen(query, causal_key, causal_value, self.causal_query_starts, self.causal_key_starts,
+                              width, causal_key.shape[0], causal=True)
+        if self.bidirectional:
+            both_key, both_value = key[self.both_ways_keys], value[self.both_ways_keys]
+            both_ways = flash_varlen(query, both_key, both_value, self.both_ways_query_starts,
+                                     self.both_ways_key_starts, width, both_key.shape[0], causal=False)
+            output = torch.where(self.from_both_ways[:, None, None], both_ways, output)[self.regathered_at]
         return output.transpose(0, 1)[None]
 
 

@@ -22,7 +22,8 @@ def varlen_attention_by_hand(query, key, value, query_starts, key_starts, max_qu
         if causal:  # aligned at the bottom right: query j sees keys up to j + (keys - queries)
             seen = torch.ones(len(q), len(k), dtype=torch.bool).tril(len(k) - len(q))
             scores = scores.masked_fill(~seen, float("-inf"))
-        outputs.append(torch.einsum("hqk,khd->qhd", scores.softmax(-1), v))
+        probs = torch.nan_to_num(scores.softmax(-1))  # a query that sees no key gets 0, as from the kernel
+        outputs.append(torch.einsum("hqk,khd->qhd", probs, v))
     return torch.cat(outputs)
 
 
