@@ -263,12 +263,13 @@ class PackRows:
 
     Padding a random pair of rows to the longer one computes 722 tokens per 514 real ones on the spo lengths;
     packed, a step computes about 546. Each row attends only to itself, as it would alone: `packed_rows` [rows, 2]
-    holds each row's (length, bidirectional length), from which the model attends over each row's own blocks,
-    and each row's `position_ids` are its own (`row_inputs(input_ids, config)` -> (positions [..., n],
-    bidirectional length): the model file's `packed_row_inputs`). The padding at the end counts as part of the
-    last row, after its tokens, where no real token sees it. The loss is the same (the mean over the batch's
-    labelled tokens; a row's last token predicts nothing, since the next row starts with context). One difference
-    in randomness: P-Tuning v2's prefix dropout draws one mask for the sequence, so the packed rows share it."""
+    holds each row's (length, bidirectional length), from which the model attends over each row's own blocks, and
+    each row's `position_ids` are its own (`row_inputs(input_ids, config)` -> (soft prompt slots, positions
+    [..., slots + n], bidirectional length): the model file's `packed_row_inputs`; embedding-only prompt tuning
+    gets slots before each row, which the model fills with its soft prompt). The padding at the end counts as part
+    of the last row, after its tokens, where no real token sees it. The loss is the same (the mean over the
+    batch's labelled tokens; a row's last token predicts nothing, since the next row starts with context). One
+    difference in randomness: P-Tuning v2's prefix dropout draws one mask for the sequence, so the rows share it."""
     pad_token_id: int
     row_inputs: Callable
     config: object
@@ -276,20 +277,19 @@ class PackRows:
     with_label_positions: bool = False
 
     def __call__(self, batch):
-        width = round_up(sum(len(e["input_ids"]) for e in batch), self.multiple)
+        row_inputs = [self.row_inputs(torch.tensor(e["input_ids"]), self.config) for e in batch]
+        width = round_up(sum(soft + len(e["input_ids"]) for (soft, _, _), e in zip(row_inputs, batch)), self.multiple)
         input_ids = torch.full((1, width), self.pad_token_id, dtype=torch.long)
         labels = torch.full((1, width), -100, dtype=torch.long)
+        positions = torch.zeros(1, *row_inputs[0][1].shape[:-1], width, dtype=torch.long)
         rows = torch.zeros(len(batch), 2, dtype=torch.long)
-        positions, start = None, 0
-        for i, e in enumerate(batch):
-            ids = torch.tensor(e["input_ids"])
-            end = start + len(ids)
-            row_positions, rows[i, 1] = self.row_inputs(ids, self.config)
-            if positions is None:
-                positions = torch.zeros(1, *row_positions.shape[:-1], width, dtype=torch.long)
-            input_ids[0, start:end], labels[0, start:start + len(e["labels"])] = ids, torch.tensor(e["labels"])
+        start = 0
+        for i, (e, (soft, row_positions, both_ways)) in enumerate(zip(batch, row_inputs)):
+            first, end = start + soft, start + soft + len(e["input_ids"])  # [soft prompt slots | the row]
+            input_ids[0, first:end] = torch.tensor(e["input_ids"])
+            labels[0, first:first + len(e["labels"])] = torch.tensor(e["labels"])
             positions[0, ..., start:end] = row_positions
-            rows[i, 0] = len(ids)
+            rows[i] = torch.tensor([end - start, both_ways])
             start = end
         rows[-1, 0] += width - start
         collated = {"input_ids": input_ids, "labels": labels, "position_ids": positions, "packed_rows": rows}

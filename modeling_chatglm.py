@@ -93,13 +93,23 @@ def glm_attention_mask(key_valid, context_len, past_len, num_queries):
     return (visible & key_valid[:, None, :])[:, None]
 
 
+def soft_prompt_length(config):
+    """Soft prompt tokens put before the input (embedding-only prompt tuning), else 0."""
+    return config.pre_seq_len if (config.pre_seq_len and config.prompt_embedding_only) else 0
+
+
 def packed_row_inputs(input_ids, config):
-    """(position_ids [2, n], bidirectional length) of one unpadded row, as the model computes them for it alone:
-    what data_set.PackRows records for the row's stretch of a packed sequence. The row's context (the tokens
-    before <sop>) attends both ways; from <sop> on attention is causal."""
+    """(soft prompt slots, position_ids [2, slots + n], bidirectional length) of one unpadded row, as the model
+    computes them for it alone: what data_set.PackRows records for the row's stretch of a packed sequence. The
+    soft prompt tokens (embedding-only prompt tuning) come first and belong to the context, which attends both
+    ways (the tokens before <sop>); from <sop> on attention is causal."""
+    soft = soft_prompt_length(config)
     row = input_ids[None]
     _, context_len, _ = glm_context_info(row, None, config)
-    return glm_position_ids(row, None, config)[0], int(context_len[0])
+    slots = torch.arange(soft)
+    positions = torch.cat([torch.stack([slots, torch.zeros_like(slots)]),
+                           glm_position_ids(row, None, config, offset=soft)[0]], dim=1)
+    return soft, positions, soft + int(context_len[0])
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -209,11 +219,19 @@ class PackedRows:
         return output.transpose(0, 1)[None]
 
 
-def packed_rows_attention(rows, hidden, prefix_keys, bidirectional, config, unsupported):
+def with_soft_prompt_per_row(hidden, rows, soft_prompt):
+    """hidden [1, width, h] of packed rows with each row's first slots (data_set.PackRows left them for it)
+    holding the soft prompt [slots, h]."""
+    starts = rows[:, 0].cumsum(0) - rows[:, 0]
+    slots = (starts[:, None] + torch.arange(soft_prompt.shape[0], device=rows.device)).reshape(-1)
+    return hidden.index_copy(1, slots, soft_prompt.repeat(rows.shape[0], 1)[None])
+
+
+def packed_rows_attention(rows, hidden, prefix_keys, bidirectional, config, cached):
     """What the layers attend with for rows packed into one sequence (`rows` [n, 2], see data_set.PackRows):
     flash attention over each row's own blocks where it runs, else the block-diagonal mask."""
-    if unsupported:
-        raise ValueError("packed rows take neither a cache nor soft prompt tokens (--prompt_embedding_only)")
+    if cached:
+        raise ValueError("packed rows are for training: they take no cache")
     width, head_dim = hidden.shape[1], getattr(config, "kv_channels", config.hidden_size // config.num_attention_heads)
     if config._attn_implementation != "eager" and flash_varlen_available(hidden, head_dim):
         return PackedRows(rows, width, prefix_keys, bidirectional)
@@ -418,7 +436,7 @@ class PromptSlots:
     @property
     def num_virtual_tokens(self):
         """Soft prompt tokens put before the input (embedding-only prompt tuning), else 0."""
-        return self.config.pre_seq_len if (self.config.pre_seq_len and self.config.prompt_embedding_only) else 0
+        return soft_prompt_length(self.config)
 
     @property
     def num_prefix_keys(self):
@@ -479,6 +497,10 @@ class ChatGLMModel(PromptSlots, ChatGLMPreTrainedModel):
             if not first_call:
                 raise ValueError("position_ids are needed when decoding from a cache (generate() passes them)")
             position_ids = glm_position_ids(input_ids, attention_mask, self.config, offset=self.num_virtual_tokens)
+        if packed_rows is not None and virtual:  # each packed row has slots for its own soft prompt
+            hidden = with_soft_prompt_per_row(hidden, packed_rows,
+                                              self.prefix_dropout(self.prefix_encoder().to(hidden.dtype)))
+            virtual = 0
         if virtual:
             hidden = torch.cat([self.prefix_dropout(self.prefix_encoder().to(hidden.dtype))[None].expand(batch, -1, -1),
                                 hidden], dim=1)
@@ -487,8 +509,7 @@ class ChatGLMModel(PromptSlots, ChatGLMPreTrainedModel):
             position_ids = torch.cat([soft_positions, position_ids], dim=2)
 
         if packed_rows is not None:
-            mask = packed_rows_attention(packed_rows, hidden, self.num_prefix_keys, True, self.config,
-                                         virtual or past)
+            mask = packed_rows_attention(packed_rows, hidden, self.num_prefix_keys, True, self.config, past)
         else:
             mask = self.build_attention_mask(input_ids, attention_mask, past, first_call, virtual)
         prefix_kv = None

@@ -23,7 +23,8 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 
 from configuration_chatglm2 import ChatGLMConfig
 from modeling_chatglm import (MASKED_SCORE, SDPA_BACKENDS, NonReentrantCheckpointing, PackedRows, PromptSlots,
-                              first_index, keep_torch_default_init, labelled_token_loss, packed_rows_attention)
+                              first_index, keep_torch_default_init, labelled_token_loss, packed_rows_attention,
+                              soft_prompt_length, with_soft_prompt_per_row)
 
 ROPE_BASE = 10000.0
 
@@ -36,8 +37,10 @@ def left_padding(attention_mask, batch, device):
 
 
 def packed_row_inputs(input_ids, config):
-    """(position_ids [n], bidirectional length) of one unpadded row alone: positions from 0, causal attention."""
-    return torch.arange(input_ids.shape[0]), 0
+    """(soft prompt slots, position_ids [slots + n], bidirectional length) of one unpadded row alone: the soft
+    prompt tokens (embedding-only prompt tuning) first, positions from 0, causal attention."""
+    soft = soft_prompt_length(config)
+    return soft, torch.arange(soft + input_ids.shape[0]), 0
 
 
 def rotary_cos_sin(positions, head_dim, rope_ratio, dtype):
@@ -241,14 +244,17 @@ class ChatGLMModel(PromptSlots, ChatGLMPreTrainedModel):
             pad = left_padding(attention_mask, batch, device)
             position_ids = (torch.arange(past, past + seq, device=device)[None] - pad[:, None]).clamp(min=0) + \
                 self.num_virtual_tokens
+        if packed_rows is not None and virtual:  # each packed row has slots for its own soft prompt
+            hidden = with_soft_prompt_per_row(hidden, packed_rows,
+                                              self.prefix_dropout(self.prefix_encoder().to(hidden.dtype)))
+            virtual = 0
         if virtual:
             soft = self.prefix_dropout(self.prefix_encoder().to(hidden.dtype))
             hidden = torch.cat([soft[None].expand(batch, -1, -1), hidden], dim=1)
             position_ids = torch.cat([torch.arange(virtual, device=device)[None].expand(batch, -1), position_ids], 1)
         cos, sin = rotary_cos_sin(position_ids, self.config.kv_channels, self.config.rope_ratio, hidden.dtype)
         if packed_rows is not None:
-            mask = packed_rows_attention(packed_rows, hidden, self.num_prefix_keys, False, self.config,
-                                         self.num_virtual_tokens or past)
+            mask = packed_rows_attention(packed_rows, hidden, self.num_prefix_keys, False, self.config, past)
         else:
             mask = self.build_attention_mask(attention_mask, batch, seq, past, first_call, device)
         prefix_kv = self.prefix_key_values(batch, hidden.dtype) if first_call and self.num_prefix_keys else None

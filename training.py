@@ -75,7 +75,7 @@ def build_parser(method):
     data.add_argument("--pack_rows", action=argparse.BooleanOptionalAction, default=None,
                       help="put each batch's rows one after another in one sequence, each attending only to itself, "
                            "instead of padding them to the longest (same loss, fewer tokens computed; default: on a "
-                           "GPU with batches of 2 or more rows, except with soft prompt tokens)")
+                           "GPU with batches of 2 or more rows)")
     model = parser.add_argument_group("model")
     model.add_argument("--model_dir", default="ChatGLM-6B", help="the base model folder (config.json, tokenizer, "
                        "weights)")
@@ -154,13 +154,9 @@ def uses_master_weight_adamw(args, world_size):
 
 
 def resolve_pack_rows(args, device):
-    """--pack_rows: on by default on a GPU; refused with soft prompt tokens (each row would need its own)."""
-    blocked = "the soft prompt tokens go before the whole sequence" if getattr(args, "prompt_embedding_only", False) \
-        else None
-    if args.pack_rows and blocked:
-        raise SystemExit(f"error: --pack_rows cannot be used here: {blocked}")
+    """--pack_rows: on by default on a GPU when a batch has several rows."""
     if args.pack_rows is None:
-        return device.type == "cuda" and args.train_batch_size > 1 and not blocked
+        return device.type == "cuda" and args.train_batch_size > 1
     return args.pack_rows
 
 
@@ -632,7 +628,7 @@ def main(method, argv=None):
     args = build_parser(method).parse_args(argv)
     args.precision = resolve_precision(args)
     rank, world_size, device = setup_distributed()
-    args.pack_rows = resolve_pack_rows(args, device)  # a refusal comes before the model loads
+    args.pack_rows = resolve_pack_rows(args, device)
     seed_everything(args.seed)
     from data_set import EpochSampler
     family, tokenizer, train_set, eval_loader, model = load_inputs(args, method, rank)

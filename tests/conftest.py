@@ -37,14 +37,22 @@ def family_model_dirs(tiny_model_dir, tmp_path_factory):
     return folders
 
 
+def free_port():
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def launch(script, *args, launcher=True, timeout=900, check=True, ranks=1, accelerator="cpu"):
     """Run one of the suite's scripts as a user would: through the deepspeed launcher (CPU accelerator unless
     told) or python."""
     import subprocess
     env = dict(os.environ, DS_ACCELERATOR=accelerator, PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false")
     path = os.path.join(ROOT, script)
-    command = (["deepspeed", "--num_gpus", str(ranks), path] if launcher else [sys.executable, path]) + \
-        [str(a) for a in args]
+    # a free port of its own: two test runs (or a training run) on one machine would both take 29500
+    launcher_args = ["deepspeed", "--num_gpus", str(ranks), "--master_port", str(free_port()), path]
+    command = (launcher_args if launcher else [sys.executable, path]) + [str(a) for a in args]
     result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     if check and result.returncode != 0:
         raise AssertionError(f"{' '.join(command)} failed ({result.returncode}):\n{result.stdout[-3000:]}\n"

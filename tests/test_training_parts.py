@@ -52,15 +52,10 @@ def test_one_bf16_process_hands_deepspeed_the_master_weight_optimizer_and_no_mix
 
 @pytest.mark.parametrize("device, overrides, expected", [
     ("cuda", {}, True), ("cpu", {}, False), ("cuda", {"train_batch_size": 1}, False),
-    ("cuda", {"prompt_embedding_only": True}, False), ("cpu", {"pack_rows": True}, True),
+    ("cuda", {"prompt_embedding_only": True}, True), ("cpu", {"pack_rows": True}, True),
     ("cuda", {"pack_rows": False}, False)])
 def test_packing_rows_defaults_to_on_where_it_helps(device, overrides, expected):
     assert resolve_pack_rows(args(**{"pack_rows": None, **overrides}), torch.device(device)) is expected
-
-
-def test_asking_to_pack_soft_prompt_rows_is_refused_before_anything_loads():
-    with pytest.raises(SystemExit, match="--pack_rows cannot be used here"):
-        resolve_pack_rows(args(pack_rows=True, prompt_embedding_only=True), torch.device("cuda"))
 
 
 @pytest.mark.parametrize("device, overrides, expected", [
