@@ -497,13 +497,12 @@ class ChatGLMModel(PromptSlots, ChatGLMPreTrainedModel):
             if not first_call:
                 raise ValueError("position_ids are needed when decoding from a cache (generate() passes them)")
             position_ids = glm_position_ids(input_ids, attention_mask, self.config, offset=self.num_virtual_tokens)
-        if packed_rows is not None and virtual:  # each packed row has slots for its own soft prompt
-            hidden = with_soft_prompt_per_row(hidden, packed_rows,
-                                              self.prefix_dropout(self.prefix_encoder().to(hidden.dtype)))
-            virtual = 0
         if virtual:
-            hidden = torch.cat([self.prefix_dropout(self.prefix_encoder().to(hidden.dtype))[None].expand(batch, -1, -1),
-                                hidden], dim=1)
+            soft_prompt = self.prefix_dropout(self.prefix_encoder().to(hidden.dtype))
+            if packed_rows is not None:  # each packed row has slots for its own soft prompt
+                hidden, virtual = with_soft_prompt_per_row(hidden, packed_rows, soft_prompt), 0
+        if virtual:
+            hidden = torch.cat([soft_prompt[None].expand(batch, -1, -1), hidden], dim=1)
             soft = torch.arange(virtual, device=input_ids.device)
             soft_positions = torch.stack([soft, torch.zeros_like(soft)])[None].expand(batch, -1, -1)
             position_ids = torch.cat([soft_positions, position_ids], dim=2)

@@ -244,13 +244,12 @@ class ChatGLMModel(PromptSlots, ChatGLMPreTrainedModel):
             pad = left_padding(attention_mask, batch, device)
             position_ids = (torch.arange(past, past + seq, device=device)[None] - pad[:, None]).clamp(min=0) + \
                 self.num_virtual_tokens
-        if packed_rows is not None and virtual:  # each packed row has slots for its own soft prompt
-            hidden = with_soft_prompt_per_row(hidden, packed_rows,
-                                              self.prefix_dropout(self.prefix_encoder().to(hidden.dtype)))
-            virtual = 0
         if virtual:
-            soft = self.prefix_dropout(self.prefix_encoder().to(hidden.dtype))
-            hidden = torch.cat([soft[None].expand(batch, -1, -1), hidden], dim=1)
+            soft_prompt = self.prefix_dropout(self.prefix_encoder().to(hidden.dtype))
+            if packed_rows is not None:  # each packed row has slots for its own soft prompt
+                hidden, virtual = with_soft_prompt_per_row(hidden, packed_rows, soft_prompt), 0
+        if virtual:
+            hidden = torch.cat([soft_prompt[None].expand(batch, -1, -1), hidden], dim=1)
             position_ids = torch.cat([torch.arange(virtual, device=device)[None].expand(batch, -1), position_ids], 1)
         cos, sin = rotary_cos_sin(position_ids, self.config.kv_channels, self.config.rope_ratio, hidden.dtype)
         if packed_rows is not None:
