@@ -277,16 +277,17 @@ class PackRows:
     with_label_positions: bool = False
 
     def __call__(self, batch):
-        row_inputs = [self.row_inputs(torch.tensor(e["input_ids"]), self.config) for e in batch]
-        width = round_up(sum(soft + len(e["input_ids"]) for (soft, _, _), e in zip(row_inputs, batch)), self.multiple)
+        ids = [torch.tensor(e["input_ids"]) for e in batch]
+        row_inputs = [self.row_inputs(row_ids, self.config) for row_ids in ids]
+        width = round_up(sum(soft + len(row_ids) for (soft, _, _), row_ids in zip(row_inputs, ids)), self.multiple)
         input_ids = torch.full((1, width), self.pad_token_id, dtype=torch.long)
         labels = torch.full((1, width), -100, dtype=torch.long)
         positions = torch.zeros(1, *row_inputs[0][1].shape[:-1], width, dtype=torch.long)
         rows = torch.zeros(len(batch), 2, dtype=torch.long)
         start = 0
-        for i, (e, (soft, row_positions, both_ways)) in enumerate(zip(batch, row_inputs)):
-            first, end = start + soft, start + soft + len(e["input_ids"])  # [soft prompt slots | the row]
-            input_ids[0, first:end] = torch.tensor(e["input_ids"])
+        for i, (e, row_ids, (soft, row_positions, both_ways)) in enumerate(zip(batch, ids, row_inputs)):
+            first, end = start + soft, start + soft + len(row_ids)  # [soft prompt slots | the row]
+            input_ids[0, first:end] = row_ids
             labels[0, first:first + len(e["labels"])] = torch.tensor(e["labels"])
             positions[0, ..., start:end] = row_positions
             rows[i] = torch.tensor([end - start, both_ways])
