@@ -1,4 +1,6 @@
 """MasterWeightAdamW: DeepSpeed's mixed-precision AdamW step (fp32 masters, global-norm clipping), on the CPU."""
+import copy
+
 import pytest
 import torch
 
@@ -71,3 +73,47 @@ def test_fp32_parameters_are_updated_in_place():
     param.grad = torch.ones(3)
     optimizer.step()
     assert optimizer.masters[0].data_ptr() == param.data_ptr() and torch.allclose(param, torch.full((3,), 0.9))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the one-pass kernel needs a GPU (and Triton)")
+@pytest.mark.parametrize("max_grad_norm", [0.0, 1.0])
+def test_one_pass_kernel_equals_the_three_passes(max_grad_norm):
+    """The Triton kernel against the same optimizer's foreach path (fp32 gradients, torch's fused AdamW, copy back),
+    on sizes that are and are not multiples of its block, with weight decay, then through a checkpoint round trip."""
+    import optimizer as optimizer_module
+    assert optimizer_module.one_pass_available([torch.zeros(1, device="cuda", dtype=torch.bfloat16)])
+    torch.manual_seed(0)
+    shapes = [(384, 96), (3000,), (7,)]
+    start = [torch.randn(s, device="cuda").bfloat16() for s in shapes]
+
+    def make(one_pass, params=None):
+        params = params or [torch.nn.Parameter(t.clone()) for t in start]
+        groups = [{"params": params[:1], "weight_decay": 0.1}, {"params": params[1:], "weight_decay": 0.0}]
+        return params, MasterWeightAdamW(groups, max_grad_norm=max_grad_norm, one_pass=one_pass,
+                                         lr=1e-2, betas=(0.9, 0.95), eps=1e-8, fused=True)
+
+    def step(pairs, k):
+        g = torch.Generator(device="cuda").manual_seed(100 + k)
+        grads = [torch.randn(s, device="cuda", generator=g).bfloat16() * 10 for s in shapes]
+        for params, optimizer in pairs:
+            for p, grad in zip(params, grads):
+                p.grad = grad.clone()
+            optimizer.step()
+
+    one, three = make(True), make(False)
+    assert one[1].takes_one_pass(one[0]) and not three[1].takes_one_pass(three[0])
+    for k in range(3):
+        step([one, three], k)
+    # a resumed run: the one-pass state loads into a three-pass optimizer and both go on alike
+    resumed = make(False, [torch.nn.Parameter(p.detach().clone()) for p in one[0]])
+    resumed[1].load_state_dict(copy.deepcopy(one[1].state_dict()))  # as from a file: no tensor shared
+    for k in range(3, 5):
+        step([one, three, resumed], k)
+    for params, optimizer in (three, resumed):
+        for mine, theirs in zip(one[1].masters, optimizer.masters):
+            assert torch.allclose(mine, theirs, rtol=1e-5, atol=1e-6)
+            for key in ("exp_avg", "exp_avg_sq"):
+                assert torch.allclose(one[1].state[mine][key], optimizer.state[theirs][key], rtol=1e-5, atol=1e-6)
+    for p, master in zip(one[0], one[1].masters):
+        assert torch.equal(p.detach(), master.bfloat16())  # the parameter is its master rounded
+        assert float(one[1].state[master]["step"]) == 5
