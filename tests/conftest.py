@@ -60,6 +60,21 @@ def launch(script, *args, launcher=True, timeout=900, check=True, ranks=1, accel
     return result
 
 
+def launch_all(runs, **how):
+    """launch() each (script, *args) of `runs` with the same options, as many at once as there are CPU cores (a tiny
+    model's run is mostly process start-up and small kernels, so two share two cores well); results in order."""
+    from concurrent.futures import ThreadPoolExecutor
+    with ThreadPoolExecutor(max_workers=max(1, os.cpu_count() or 1)) as pool:
+        return list(pool.map(lambda run: launch(*run, **how), runs))
+
+
+def logged_losses(output_dir):
+    """The losses a training run wrote to its metrics.jsonl, in order."""
+    import json
+    with open(os.path.join(output_dir, "metrics.jsonl")) as f:
+        return [json.loads(line)["loss"] for line in f if '"loss"' in line]
+
+
 @pytest.fixture(scope="session")
 def few_rows(tmp_path_factory):
     """The six shortest rows of our triple-extraction sample: small enough for a tiny model to learn by heart."""
@@ -92,10 +107,8 @@ def memorise_args(model_dir, rows, output_dir):
 @pytest.fixture(scope="session")
 def trained(tiny_model_dir, few_rows, tmp_path_factory):
     """Each mode trained through the deepspeed launcher until it knows the six rows; output folder per mode."""
-    outputs = {}
-    for mode, (script, options) in MODES.items():
-        out = str(tmp_path_factory.mktemp(mode))
-        launch(script, *memorise_args(tiny_model_dir, few_rows, out), *options,
-               "--dump_final_state", os.path.join(out, "final_state.safetensors"))
-        outputs[mode] = out
+    outputs = {mode: str(tmp_path_factory.mktemp(mode)) for mode in MODES}
+    launch_all([(script, *memorise_args(tiny_model_dir, few_rows, outputs[mode]), *options,
+                 "--dump_final_state", os.path.join(outputs[mode], "final_state.safetensors"))
+                for mode, (script, options) in MODES.items()])
     return outputs

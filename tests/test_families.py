@@ -8,7 +8,7 @@ import os
 
 import pytest
 
-from conftest import MODES, launch, memorise_args
+from conftest import MODES, launch, launch_all, memorise_args
 
 FAMILY_MODES = ["freeze", "pt2", "pt_embedding_only", "lora"]
 PREDICT = {"freeze": "predict_freeze.py", "pt2": "predict_pt.py", "pt_embedding_only": "predict_pt.py",
@@ -35,15 +35,15 @@ def conversation_rows(few_rows, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def trained_families(family_model_dirs, few_rows, conversation_rows, tmp_path_factory):
-    outputs = {}
     runs = [(family, mode, few_rows, []) for family in ("chatglm2", "chatglm3") for mode in FAMILY_MODES]
     runs.append(("chatglm3", "lora_conversations", conversation_rows, ["--train_batch_size", 3]))
+    folders, launches = [], []
     for family, mode, rows, extra in runs:
         script, options = MODES[mode.replace("_conversations", "")]
-        out = str(tmp_path_factory.mktemp(f"{family}-{mode}"))
-        result = launch(script, *memorise_args(family_model_dirs[family], rows, out), *options, *extra)
-        outputs[family, mode] = (out, result.stdout)
-    return outputs
+        folders.append(str(tmp_path_factory.mktemp(f"{family}-{mode}")))
+        launches.append((script, *memorise_args(family_model_dirs[family], rows, folders[-1]), *options, *extra))
+    results = launch_all(launches)
+    return {(family, mode): (out, result.stdout) for (family, mode, _, _), out, result in zip(runs, folders, results)}
 
 
 def read_metrics(out):

@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import MODES, launch
+from conftest import MODES, launch, launch_all
 from model_family import load_model
 
 # which parameters each mode may change (the prefix of the name, PEFT's wrapper prefix removed)
@@ -92,10 +92,10 @@ def resume_args(model_dir, rows, out, precision):
 @pytest.mark.parametrize("precision", ["--fp32", "--bf16"])
 def test_kill_and_resume_ends_with_the_same_loss(tiny_model_dir, few_rows, tmp_path, precision):
     """LoRA with dropout: the resumed run must restore weights, optimizer, schedule, data order and random state."""
-    whole = str(tmp_path / "whole")
-    launch("finetuning_lora.py", *resume_args(tiny_model_dir, few_rows, whole, precision))
-    pieces = str(tmp_path / "pieces")
-    launch("finetuning_lora.py", *resume_args(tiny_model_dir, few_rows, pieces, precision), "--stop_after_steps", 4)
+    whole, pieces = str(tmp_path / "whole"), str(tmp_path / "pieces")
+    launch_all([("finetuning_lora.py", *resume_args(tiny_model_dir, few_rows, whole, precision)),
+                ("finetuning_lora.py", *resume_args(tiny_model_dir, few_rows, pieces, precision),
+                 "--stop_after_steps", 4)])
     assert os.path.basename(latest(pieces)) == "checkpoint-4"
     # a save killed half way leaves a temporary folder behind; it must be ignored
     os.makedirs(os.path.join(pieces, ".checkpoint-6.tmp", "ds_state"))
@@ -119,17 +119,17 @@ def test_bf16_in_one_process_follows_deepspeeds_own_mixed_precision_optimizer(ti
                                                                               script, accelerator, tolerance):
     """ZeRO-1 in one process runs optimizer.MasterWeightAdamW; ZeRO-2 keeps DeepSpeed's bf16 optimizer: same curve
     (LoRA too: its adapters, which PEFT makes in fp32, train in bf16 both ways)."""
-    curves = {}
     method = ["--num_trainable_layers", 1] if "freeze" in script else ["--lora_r", 4, "--lora_dropout", 0]
-    for stage in (1, 2):
-        out = str(tmp_path / f"zero{stage}")
-        result = launch(script, "--model_dir", tiny_model_dir, "--train_path", few_rows,
-                        "--output_dir", out, "--prompt_text", "抽取：", "--max_len", 128, "--max_src_len", 100,
-                        "--bf16", "--zero_stage", stage, *method, "--learning_rate", 1e-2,
-                        "--max_grad_norm", 0.5, "--log_steps", 1, "--max_steps", 5, "--no-compile",
-                        accelerator=accelerator)
+    outs = {stage: str(tmp_path / f"zero{stage}") for stage in (1, 2)}
+    results = launch_all([(script, "--model_dir", tiny_model_dir, "--train_path", few_rows, "--output_dir", outs[stage],
+                           "--prompt_text", "抽取：", "--max_len", 128, "--max_src_len", 100, "--bf16",
+                           "--zero_stage", stage, *method, "--learning_rate", 1e-2, "--max_grad_norm", 0.5,
+                           "--log_steps", 1, "--max_steps", 5, "--no-compile") for stage in outs],
+                         accelerator=accelerator)
+    curves = {}
+    for stage, result in zip(outs, results):
         assert ("optimizer: MasterWeightAdamW" in result.stdout) == (stage == 1), result.stdout[-2000:]
-        curves[stage] = [r["loss"] for r in metrics_of(out) if "loss" in r]
+        curves[stage] = [r["loss"] for r in metrics_of(outs[stage]) if "loss" in r]
     assert len(curves[1]) == 5 and curves[1][-1] < (0.7 if "freeze" in script else 0.95) * curves[1][0]
     assert curves[1] == pytest.approx(curves[2], rel=tolerance)
 

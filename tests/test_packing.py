@@ -102,29 +102,26 @@ METHOD_ARGS = {"finetuning_lora.py": ["--lora_r", 8, "--lora_dropout", 0, "--lea
                                     "--learning_rate", 5e-2]}
 
 
-def run_method(script, model_dir, rows, out, *extra, accelerator="cpu"):
-    import json
-    import os
-    from conftest import launch, memorise_args
+def method_args(script, model_dir, rows, out, *extra):
+    from conftest import memorise_args
     args = memorise_args(model_dir, rows, out) + METHOD_ARGS[script]
     args[args.index("--num_train_epochs") + 1] = 3
     args[args.index("--train_batch_size") + 1] = 3  # two batches an epoch
     args[args.index("--log_steps") + 1] = 1
-    result = launch(script, *args, *extra, accelerator=accelerator)
-    with open(os.path.join(out, "metrics.jsonl")) as f:
-        return [json.loads(line)["loss"] for line in f if '"loss"' in line], result
+    return [script, *args, *extra]
 
 
 @pytest.mark.parametrize("script, accelerator", [("finetuning_lora.py", "cpu"), ("finetuning_pt.py", "cpu")]
                          + [("finetuning_lora.py", "cuda"), ("finetuning_pt.py", "cuda")] * torch.cuda.is_available())
 def test_training_with_packed_rows_logs_the_padded_losses(tiny_model_dir, few_rows, tmp_path, script, accelerator):
     """LoRA, and embedding-only P-Tuning (whose packed rows each get their own soft prompt)."""
+    from conftest import launch_all, logged_losses
     extra = ["--no-compile", "--pad_to_multiple_of", 16] if accelerator == "cuda" else []  # + CUDA graphs there
-    packed, result = run_method(script, tiny_model_dir, few_rows, str(tmp_path / "packed"), "--pack_rows", *extra,
-                                accelerator=accelerator)
+    outs = {"packed": str(tmp_path / "packed"), "padded": str(tmp_path / "padded")}
+    result, _ = launch_all([method_args(script, tiny_model_dir, few_rows, outs[name], f"--{prefix}pack_rows", *extra)
+                            for name, prefix in (("packed", ""), ("padded", "no-"))], accelerator=accelerator)
     assert "batches: rows packed into one sequence" in result.stdout
-    padded, _ = run_method(script, tiny_model_dir, few_rows, str(tmp_path / "padded"), "--no-pack_rows", *extra,
-                           accelerator=accelerator)
+    packed, padded = logged_losses(outs["packed"]), logged_losses(outs["padded"])
     assert len(packed) == 6 and (packed[-1] < packed[0] or "lora" not in script)  # a soft prompt learns slowly
     assert packed == pytest.approx(padded, rel=1e-4)
 

@@ -99,21 +99,19 @@ def test_graph_replay_gives_the_eager_loss_and_gradients(family_model_dirs, fami
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 @pytest.mark.parametrize("mode", ["lora", "pt2", "freeze"])
 def test_training_script_with_cuda_graphs_logs_the_eager_losses(tiny_model_dir, few_rows, tmp_path, mode):
-    import json
-    import os
-    from conftest import MODES, launch, memorise_args
+    from conftest import MODES, launch_all, logged_losses, memorise_args
     script, options = MODES[mode]
-    losses = {}
+    runs, outs = [], {}
     for graphs in ("--cuda_graphs", "--no-cuda_graphs"):
-        out = str(tmp_path / graphs)
-        args = memorise_args(tiny_model_dir, few_rows, out) + options
+        outs[graphs] = str(tmp_path / graphs)
+        args = memorise_args(tiny_model_dir, few_rows, outs[graphs]) + options
         args[args.index("--num_train_epochs") + 1] = 3
         args[args.index("--train_batch_size") + 1] = 3  # two batches per epoch, of different shapes in some epochs
         args[args.index("--log_steps") + 1] = 1
         if mode == "pt2":
             args += ["--prefix_dropout", 0]  # no randomness: equal losses
-        launch(script, *args, graphs, "--no-compile", "--pad_to_multiple_of", 16, accelerator="cuda")
-        with open(os.path.join(out, "metrics.jsonl")) as f:
-            losses[graphs] = [json.loads(line)["loss"] for line in f if '"loss"' in line]
+        runs.append((script, *args, graphs, "--no-compile", "--pad_to_multiple_of", 16))
+    launch_all(runs, accelerator="cuda")
+    losses = {graphs: logged_losses(out) for graphs, out in outs.items()}
     assert len(losses["--cuda_graphs"]) == 6 and losses["--cuda_graphs"][0] > losses["--cuda_graphs"][-1]
     assert losses["--cuda_graphs"] == pytest.approx(losses["--no-cuda_graphs"], rel=1e-4)
