@@ -203,7 +203,7 @@ MODEL_INPUTS = ("input_ids", "labels", "label_positions", "position_ids", "atten
 
 def run_training_variant(method, gradient_checkpointing, reference, steps, warmup, compile_blocks_=True,
                          compile_mode=None, bucket=None, step_graphs=False, group_by_length=False, pack_rows=False,
-                         profile_kernels=False):
+                         profile_kernels=False, find_host_waits=False):
     from model_family import FAMILIES
     from data_set import labelled_positions
     from training import build_engine, compile_blocks, setup_distributed
@@ -267,6 +267,8 @@ def run_training_variant(method, gradient_checkpointing, reference, steps, warmu
     phases = step_phases(step, batches[warmup:], engine, batch_loss)
     if profile_kernels:
         print_kernel_profile(step, batches[warmup:warmup + 10])
+    if find_host_waits:
+        print_host_waits(engine, batch_loss, batches[warmup:warmup + 10])
     measured = batches[warmup:]
     real_tokens = sum(b["real_tokens"] for b in measured) / steps
     flops = sum(train_flops(b, config, method, 5) for b in measured) / steps
@@ -317,6 +319,36 @@ def print_kernel_profile(step, batches):
         print(f"  {kind:20s} {ms:7.2f} ms/step")
     for ms, count, name in sorted(kernels, reverse=True)[:25]:
         print(f"  {ms:7.2f} ms {count:5d}x  {name}")
+
+
+def print_host_waits(engine, batch_loss, batches):
+    """Host time of each part of a step, nothing synchronised by us, and every place where torch waits for the GPU
+    (torch.cuda.set_sync_debug_mode): a part whose host time is the GPU's step time is waiting for it."""
+    import warnings
+    host = {"loss": 0.0, "backward": 0.0, "step": 0.0}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        for b in batches:
+            t0 = time.perf_counter()
+            loss = batch_loss(b)
+            t1 = time.perf_counter()
+            engine.backward(loss)
+            t2 = time.perf_counter()
+            engine.step()
+            t3 = time.perf_counter()
+            for part, seconds in zip(host, (t1 - t0, t2 - t1, t3 - t2)):
+                host[part] += seconds
+        torch.cuda.set_sync_debug_mode("default")
+    sync()
+    print("host ms per step, unsynchronised: " + ", ".join(f"{k} {v * 1000 / len(batches):.1f}" for k, v in host.items()))
+    places = {}
+    for w in caught:
+        key = f"{w.filename}:{w.lineno}: {str(w.message)[:80]}"
+        places[key] = places.get(key, 0) + 1
+    print(f"host waits for the GPU: {sum(places.values())} in {len(batches)} steps")
+    for key, count in sorted(places.items(), key=lambda kv: -kv[1]):
+        print(f"  {count:4d}x {key}")
 
 
 def step_phases(step, batches, engine, batch_loss):
@@ -579,6 +611,8 @@ def main():
                         "slots per CUDA graph (attention reads the visible slots rounded up to this)")
     parser.add_argument("--profile_kernels", action="store_true", help="with --variant: also print the GPU time per "
                         "kernel kind and the top kernels of 10 steps")
+    parser.add_argument("--find_host_waits", action="store_true", help="with --variant: also print each step part's "
+                        "host time and where the host waits for the GPU")
     parser.add_argument("--local_rank", type=int, default=-1)
     args = parser.parse_args()
     global TINY, FAMILY
@@ -592,7 +626,7 @@ def main():
         print(json.dumps(run_training_variant(args.variant, args.gc, args.reference, args.steps, args.warmup,
                                               not args.no_compile, args.compile_mode, args.bucket,
                                               args.step_graphs, args.group_by_length, args.pack_rows,
-                                              args.profile_kernels)), flush=True)
+                                              args.profile_kernels, args.find_host_waits)), flush=True)
         # shut the process group down before exit: once in a CI run (CPU) a communication thread left running
         # aborted the process at exit ("terminate called without an active exception") after its result was printed
         torch.distributed.destroy_process_group()
