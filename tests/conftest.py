@@ -44,6 +44,17 @@ def free_port():
         return s.getsockname()[1]
 
 
+def remove_shared_memory_buffers(port):
+    """DeepSpeed's CPU communication leaves a 66 MB buffer per rank in /dev/shm, named by the port, and never removes
+    it: with a new port per launch a test run would fill the machine's memory (/dev/shm is RAM)."""
+    import glob
+    for path in glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_*_{port}_*"):
+        try:
+            os.remove(path)
+        except OSError:
+            pass
+
+
 def launch(script, *args, launcher=True, timeout=900, check=True, ranks=1, accelerator="cpu"):
     """Run one of the suite's scripts as a user would: through the deepspeed launcher (CPU accelerator unless
     told) or python."""
@@ -51,9 +62,13 @@ def launch(script, *args, launcher=True, timeout=900, check=True, ranks=1, accel
     env = dict(os.environ, DS_ACCELERATOR=accelerator, PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false")
     path = os.path.join(ROOT, script)
     # a free port of its own: two test runs (or a training run) on one machine would both take 29500
-    launcher_args = ["deepspeed", "--num_gpus", str(ranks), "--master_port", str(free_port()), path]
+    port = free_port()
+    launcher_args = ["deepspeed", "--num_gpus", str(ranks), "--master_port", str(port), path]
     command = (launcher_args if launcher else [sys.executable, path]) + [str(a) for a in args]
-    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    try:
+        result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    finally:
+        remove_shared_memory_buffers(port)
     if check and result.returncode != 0:
         raise AssertionError(f"{' '.join(command)} failed ({result.returncode}):\n{result.stdout[-3000:]}\n"
                              f"{result.stderr[-3000:]}")
