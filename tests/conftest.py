@@ -83,11 +83,15 @@ def launch_all(runs, **how):
         return list(pool.map(lambda run: launch(*run, **how), runs))
 
 
-def logged_losses(output_dir):
-    """The losses a training run wrote to its metrics.jsonl, in order."""
+def metrics_of(output_dir):
+    """The records a training run wrote to its metrics.jsonl, in order."""
     import json
     with open(os.path.join(output_dir, "metrics.jsonl")) as f:
-        return [json.loads(line)["loss"] for line in f if '"loss"' in line]
+        return [json.loads(line) for line in f]
+
+
+def logged_losses(output_dir):
+    return [r["loss"] for r in metrics_of(output_dir) if "loss" in r]
 
 
 @pytest.fixture(scope="session")

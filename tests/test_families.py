@@ -8,7 +8,7 @@ import os
 
 import pytest
 
-from conftest import MODES, launch, launch_all, memorise_args
+from conftest import MODES, launch, launch_all, memorise_args, metrics_of
 
 FAMILY_MODES = ["freeze", "pt2", "pt_embedding_only", "lora"]
 PREDICT = {"freeze": "predict_freeze.py", "pt2": "predict_pt.py", "pt_embedding_only": "predict_pt.py",
@@ -47,8 +47,7 @@ def trained_families(family_model_dirs, few_rows, conversation_rows, tmp_path_fa
 
 
 def read_metrics(out):
-    with open(os.path.join(out, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f if '"loss"' in line]
+    return [r for r in metrics_of(out) if "loss" in r]
 
 
 def predict(mode, out, rows, tmp_path):

@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import MODES, launch, launch_all
+from conftest import MODES, launch, launch_all, metrics_of
 from model_family import load_model
 
 # which parameters each mode may change (the prefix of the name, PEFT's wrapper prefix removed)
@@ -17,11 +17,6 @@ TRAINED = {
     "pt_embedding_only": lambda name: name.startswith("transformer.prefix_encoder."),
     "lora": lambda name: ".lora_" in name,
 }
-
-
-def metrics_of(output_dir):
-    with open(os.path.join(output_dir, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f]
 
 
 def latest(output_dir):
