@@ -58,6 +58,7 @@ def remove_shared_memory_buffers(port):
 def launch(script, *args, launcher=True, timeout=900, check=True, ranks=1, accelerator="cpu"):
     """Run one of the suite's scripts as a user would: through the deepspeed launcher (CPU accelerator unless
     told) or python."""
+    import signal
     import subprocess
     env = dict(os.environ, DS_ACCELERATOR=accelerator, PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false")
     path = os.path.join(ROOT, script)
@@ -65,10 +66,19 @@ def launch(script, *args, launcher=True, timeout=900, check=True, ranks=1, accel
     port = free_port()
     launcher_args = ["deepspeed", "--num_gpus", str(ranks), "--master_port", str(port), path]
     command = (launcher_args if launcher else [sys.executable, path]) + [str(a) for a in args]
+    # a session of its own, so that a timeout kills the ranks and any compile under the launcher too: they would
+    # otherwise live on, holding memory, ports and DeepSpeed's JIT build lock
+    process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True)
     try:
-        result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+        stdout, stderr = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        stdout, stderr = process.communicate()
+        raise AssertionError(f"{' '.join(command)} ran past {timeout} s (killed):\n{stdout[-3000:]}\n{stderr[-3000:]}")
     finally:
         remove_shared_memory_buffers(port)
+    result = subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
     if check and result.returncode != 0:
         raise AssertionError(f"{' '.join(command)} failed ({result.returncode}):\n{result.stdout[-3000:]}\n"
                              f"{result.stderr[-3000:]}")
