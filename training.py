@@ -12,6 +12,7 @@ position, random state) for `--resume`. It is written under a temporary name and
 `latest` names the newest complete one, so a run killed mid-save resumes from the last complete checkpoint.
 """
 import argparse
+import atexit
 import json
 import math
 import os
@@ -212,7 +213,19 @@ def setup_distributed():
     device = torch.device(get_accelerator().device_name(local_rank))
     if device.type == "cuda":
         torch.cuda.set_device(device)
+    else:
+        atexit.register(remove_cpu_comm_buffer, torch.distributed.get_rank())
     return torch.distributed.get_rank(), torch.distributed.get_world_size(), device
+
+
+def remove_cpu_comm_buffer(rank):
+    """DeepSpeed's CPU communication writes a 66 MB buffer per rank into /dev/shm (memory), named by user, address,
+    port and rank, and never removes it: each rank removes its own as the process ends."""
+    name = f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ['MASTER_ADDR']}_{os.environ['MASTER_PORT']}_{rank}"
+    try:
+        os.remove(os.path.join("/dev/shm", name))
+    except OSError:
+        pass
 
 
 def seed_everything(seed):

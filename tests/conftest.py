@@ -45,14 +45,17 @@ def free_port():
 
 
 def remove_shared_memory_buffers(port):
-    """DeepSpeed's CPU communication leaves a 66 MB buffer per rank in /dev/shm, named by the port, and never removes
-    it: with a new port per launch a test run would fill the machine's memory (/dev/shm is RAM)."""
+    """Remove and list the 66 MB buffers that DeepSpeed's CPU communication put in /dev/shm for `port`: the training
+    scripts remove their own as they end, but a killed run cannot, and with a new port per launch a test run would
+    fill the machine's memory (/dev/shm is RAM)."""
     import glob
-    for path in glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_*_{port}_*"):
+    found = glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_*_{port}_*")
+    for path in found:
         try:
             os.remove(path)
         except OSError:
             pass
+    return found
 
 
 def launch(script, *args, launcher=True, timeout=900, check=True, ranks=1, accelerator="cpu"):
@@ -77,8 +80,9 @@ def launch(script, *args, launcher=True, timeout=900, check=True, ranks=1, accel
         stdout, stderr = process.communicate()
         raise AssertionError(f"{' '.join(command)} ran past {timeout} s (killed):\n{stdout[-3000:]}\n{stderr[-3000:]}")
     finally:
-        remove_shared_memory_buffers(port)
+        leftover_buffers = remove_shared_memory_buffers(port)
     result = subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
+    result.leftover_shm_buffers = leftover_buffers
     if check and result.returncode != 0:
         raise AssertionError(f"{' '.join(command)} failed ({result.returncode}):\n{result.stdout[-3000:]}\n"
                              f"{result.stderr[-3000:]}")

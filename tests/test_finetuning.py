@@ -83,6 +83,15 @@ def resume_args(model_dir, rows, out, precision):
             "--log_steps", 1, "--learning_rate", 1e-2, "--lora_r", 8, "--save_steps", 2]
 
 
+def test_ranks_remove_their_shared_memory_buffers_as_they_end(tiny_model_dir, few_rows, tmp_path):
+    """DeepSpeed's CPU communication leaves a 66 MB buffer per rank in /dev/shm (memory); each rank removes its own."""
+    out = str(tmp_path / "out")
+    result = launch("finetuning_lora.py", *resume_args(tiny_model_dir, few_rows, out, "--fp32"), "--stop_after_steps", 1,
+                    ranks=2)
+    assert os.path.basename(latest(out)) == "checkpoint-1"
+    assert result.leftover_shm_buffers == []
+
+
 # fp32: DeepSpeed's ZeRO-1 optimizer; bf16 in one process: optimizer.MasterWeightAdamW (its fp32 masters must resume)
 @pytest.mark.parametrize("precision", ["--fp32", "--bf16"])
 def test_kill_and_resume_ends_with_the_same_loss(tiny_model_dir, few_rows, tmp_path, precision):
