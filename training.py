@@ -218,12 +218,15 @@ def setup_distributed():
     return torch.distributed.get_rank(), torch.distributed.get_world_size(), device
 
 
+# DeepSpeed's CPU communication writes a 66 MB buffer per rank here (memory), named by user, address, port and rank
+CPU_COMM_BUFFER_PREFIX = "/dev/shm/deepspeed_allreduce_buffer_"
+
+
 def remove_cpu_comm_buffer(rank):
-    """DeepSpeed's CPU communication writes a 66 MB buffer per rank into /dev/shm (memory), named by user, address,
-    port and rank, and never removes it: each rank removes its own as the process ends."""
-    name = f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ['MASTER_ADDR']}_{os.environ['MASTER_PORT']}_{rank}"
+    """DeepSpeed never removes its CPU communication buffer: each rank removes its own as the process ends."""
+    path = f"{CPU_COMM_BUFFER_PREFIX}{os.getuid()}_{os.environ['MASTER_ADDR']}_{os.environ['MASTER_PORT']}_{rank}"
     try:
-        os.remove(os.path.join("/dev/shm", name))
+        os.remove(path)
     except OSError:
         pass
 

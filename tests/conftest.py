@@ -49,7 +49,8 @@ def remove_shared_memory_buffers(port):
     scripts remove their own as they end, but a killed run cannot, and with a new port per launch a test run would
     fill the machine's memory (/dev/shm is RAM)."""
     import glob
-    found = glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_*_{port}_*")
+    from training import CPU_COMM_BUFFER_PREFIX
+    found = glob.glob(f"{CPU_COMM_BUFFER_PREFIX}*_{port}_*")
     for path in found:
         try:
             os.remove(path)
