@@ -31,6 +31,28 @@ class DataError(ValueError):
     """Bad input data; the message names the file and line."""
 
 
+class SkippedRows:
+    """Rows --skip_bad_rows left out, counted by reason, for one line that says why and where."""
+
+    def __init__(self, path):
+        self.path, self.lines_by_reason = path, {}
+
+    def add(self, line, reason):
+        self.lines_by_reason.setdefault(reason, []).append(line)
+
+    def __len__(self):
+        return sum(map(len, self.lines_by_reason.values()))
+
+    def report(self, log, what):
+        if not self:
+            return
+        reasons = sorted(self.lines_by_reason.items(), key=lambda item: -len(item[1]))
+        parts = [f"{len(lines)} x {reason} (line{'s' if len(lines) > 1 else ''} "
+                 f"{', '.join(map(str, lines[:5]))}{', ...' if len(lines) > 5 else ''})" for reason, lines in reasons[:4]]
+        more = f"; {len(reasons) - 4} other reasons" if len(reasons) > 4 else ""
+        log(f"{self.path}: skipped {len(self)} {what}: {'; '.join(parts)}{more}")
+
+
 @dataclass
 class Row:
     prompt: str
@@ -101,12 +123,16 @@ def read_rows(path, prompt_text="", skip_bad=False, log=print, allow_empty_answe
 
     An empty answer is bad in training data; a test set may have rows whose reference is empty (no triples)."""
     try:
-        with open(path, encoding="utf-8") as f:
-            content = f.read()
+        with open(path, "rb") as f:
+            raw = f.read()
     except FileNotFoundError:
         raise DataError(f"{path}: file not found") from None
+    try:
+        content = raw.decode("utf-8")
     except UnicodeDecodeError as err:
-        raise DataError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
+        line = raw[:err.start].count(b"\n") + 1
+        raise DataError(f"{path}:{line}: not UTF-8 text ({err.reason} at byte {err.start}); save the file as "
+                        "UTF-8") from None
     if not content.strip():
         raise DataError(f"{path}: empty file, no rows")
     if content.lstrip().startswith("["):
@@ -122,7 +148,7 @@ def read_rows(path, prompt_text="", skip_bad=False, log=print, allow_empty_answe
                     items.append((number, json.loads(line), None))
                 except json.JSONDecodeError as err:
                     items.append((number, None, f"not valid JSON ({err.msg})"))
-    rows, skipped = [], 0
+    rows, skipped = [], SkippedRows(path)
     for number, obj, error in items:
         if error is None:
             try:
@@ -132,9 +158,8 @@ def read_rows(path, prompt_text="", skip_bad=False, log=print, allow_empty_answe
         if error is not None:
             if not skip_bad:
                 raise DataError(f"{path}:{number}: {error} (use --skip_bad_rows to skip such rows)")
-            skipped += 1
-    if skipped:
-        log(f"{path}: skipped {skipped} bad row(s)")
+            skipped.add(number, error)
+    skipped.report(log, "bad row(s)")
     if not rows:
         raise DataError(f"{path}: no usable rows")
     return rows
@@ -202,23 +227,24 @@ class Seq2SeqDataset(Dataset):
     """Tokenised training rows: each item is {"input_ids", "labels"} as lists of ints."""
 
     def __init__(self, path, tokenizer, family, max_len, max_src_len, prompt_text="", skip_bad=False, log=print):
-        if max_src_len >= max_len - family.layout_overhead(tokenizer):
-            raise ValueError(f"--max_src_len {max_src_len} leaves no room for the answer within --max_len {max_len}")
+        overhead = family.layout_overhead(tokenizer)
+        if max_src_len >= max_len - overhead:
+            raise DataError(f"--max_src_len {max_src_len} leaves no room for the answer within --max_len {max_len} "
+                            f"(the layout adds {overhead} tokens): lower --max_src_len or raise --max_len")
         self.rows = read_rows(path, prompt_text, skip_bad, log)
         self.examples, self.truncated = [], 0
-        skipped = 0
+        skipped = SkippedRows(path)
         for row in self.rows:
             try:
                 input_ids, labels, cut = encode_training_row(tokenizer, family, row, max_len, max_src_len, path)
-            except DataError:
+            except DataError as err:
                 if not skip_bad:
                     raise
-                skipped += 1
+                skipped.add(row.line, str(err).split(": ", 1)[1])  # the reason without "path:line: "
                 continue
             self.examples.append({"input_ids": input_ids, "labels": labels})
             self.truncated += cut
-        if skipped:
-            log(f"{path}: skipped {skipped} row(s) that do not fit the layout")
+        skipped.report(log, "row(s) that do not fit the layout")
         if not self.examples:
             raise DataError(f"{path}: no usable rows")
         log(f"{path}: {len(self.examples)} rows, {self.truncated} truncated to max_src_len {max_src_len} / "

@@ -110,10 +110,13 @@ def leading_keys(model):
 class StaticDecoder:
     """The state of one batch's decoding: static input, cache and output buffers, and the step on them."""
 
-    def __init__(self, model, input_ids, attention_mask, max_new_tokens):
+    def __init__(self, model, input_ids, attention_mask, max_new_tokens, vocab_size=None):
         batch, seq = input_ids.shape
         device = input_ids.device
         self.model, self.prompt_ids, self.attention_mask = model, input_ids, attention_mask
+        # the output layer may have more rows than the tokenizer has tokens (ChatGLM2/3: 65,024 for 64,798); ids no
+        # token stands for are never chosen
+        self.vocab_size = vocab_size
         self.prompt_lengths = attention_mask.sum(dim=1)
         self.cache = StaticKVCache(leading_keys(model) + seq + max_new_tokens, self.prompt_lengths,
                                    leading_keys(model))
@@ -139,7 +142,7 @@ class StaticDecoder:
             logits = self.model(input_ids=self.prompt_ids[index, seq - width:],
                                 attention_mask=self.attention_mask[index, seq - width:],
                                 past_key_values=self.cache, use_cache=True, logits_to_keep=1).logits[:, -1]
-            self.tokens[index] = logits.argmax(-1, keepdim=True)
+            self.tokens[index] = logits[:, :self.vocab_size].argmax(-1, keepdim=True)
         self.cache.start_decoding()
         self.generated[:, :1].copy_(self.tokens)
 
@@ -148,7 +151,7 @@ class StaticDecoder:
         number of visible cache slots)."""
         positions = self.model.decode_position_ids(self.prompt_ids, self.attention_mask, self.step_index)
         logits = self.model.decode_step(self.tokens, positions, self.cache)
-        self.tokens.copy_(logits.argmax(-1, keepdim=True))
+        self.tokens.copy_(logits[:, :self.vocab_size].argmax(-1, keepdim=True))
         self.step_index += 1
         self.cache.next_slot += 1
         self.generated.index_copy_(1, self.step_index, self.tokens)
@@ -162,14 +165,15 @@ def finished(generated, done_steps, stop_ids):
 
 @torch.no_grad()
 def greedy_decode(model, input_ids, attention_mask, max_new_tokens, stop_ids, cuda_graph=None, check_every=16,
-                  bucket=64, prefill_rows=13):
+                  bucket=64, prefill_rows=13, vocab_size=None):
     """New tokens [batch, <= max_new_tokens] of greedy decoding for a left-padded batch (not cut at the stop
     tokens; the caller does that). `cuda_graph` defaults to True on a GPU: one graph for every step with flash
     attention, else one per `bucket` cache slots.
-    The prompts go through `prefill_rows` at a time, by length (13: four groups for the 50 spo test rows)."""
+    The prompts go through `prefill_rows` at a time, by length (13: four groups for the 50 spo test rows).
+    `vocab_size`: the tokenizer's; ids at or above it (a padded output layer's extra rows) are never chosen."""
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
-    decoder = StaticDecoder(model, input_ids, attention_mask, max_new_tokens)
+    decoder = StaticDecoder(model, input_ids, attention_mask, max_new_tokens, vocab_size)
     decoder.prefill(prefill_rows)
     cuda_graph = input_ids.is_cuda if cuda_graph is None else cuda_graph
     graphs = CapturedSteps(decoder.step) if cuda_graph else None

@@ -244,16 +244,57 @@ def load_tokenizer(model_dir, family=None):
         raise ModelFolderError(str(err)) from None
 
 
-def load_model(model_dir, family=None, dtype=torch.float32, **config_overrides):
-    """The model with its weights; `config_overrides` (e.g. pre_seq_len) add modules the checkpoint lacks."""
+def folder_quantization_bit(model_dir):
+    """The bits of a pre-quantized folder (THUDM's chatglm-6b-int4 etc., or tools/quantize_model.py's), else 0."""
+    return int(read_config_json(model_dir).get("quantization_bit") or 0)
+
+
+def load_model(model_dir, family=None, dtype=torch.float32, quantization_bit=0, keep_float=(), device=None,
+               **config_overrides):
+    """The model with its weights; `config_overrides` (e.g. pre_seq_len) add modules the checkpoint lacks.
+
+    `quantization_bit` 8 or 4 quantizes the blocks' linears as THUDM's `model.half().quantize(bits)` does (on
+    `device` when given: faster on a GPU), except the modules whose names contain a string of `keep_float`; a
+    pre-quantized folder loads as it is."""
+    from quantization import check_bits, quantize_model
     family = family or family_for(model_dir)
     check_weight_files(model_dir)
+    prequantized = folder_quantization_bit(model_dir)
+    if quantization_bit:
+        try:
+            check_bits(quantization_bit)
+        except ValueError as err:
+            raise ModelFolderError(str(err)) from None
+        if prequantized and prequantized != quantization_bit:
+            raise ModelFolderError(f"{model_dir}: already quantized to {prequantized} bits (its config.json); "
+                                   f"--quantization_bit {quantization_bit} needs the float folder")
+    if prequantized and keep_float:
+        raise ModelFolderError(f"{model_dir}: pre-quantized to {prequantized} bits, so the layers to train are not "
+                               "in full precision: start from the float folder with --quantization_bit")
+    quantize_here = quantization_bit and not prequantized
+    # THUDM quantizes the fp16 weights: load them in fp16 (fp32 for an fp32 run), quantize, then cast the rest
+    model = load_weights(model_dir, family, (torch.float32 if dtype == torch.float32 else torch.float16)
+                         if quantize_here else dtype, config_overrides)
+    if quantize_here:
+        quantize_model(model, quantization_bit, keep=keep_float, device=device)
+        model.to(dtype)
+    return model
+
+
+def load_weights(model_dir, family, dtype, config_overrides):
+    from transformers.utils import logging as transformers_logging
+    verbosity = transformers_logging.get_verbosity()
+    # transformers' load report would call the prompt encoder a checkpoint lacks "newly initialized ... Consider
+    # training" before the predict script loads it: what is missing is checked below and said in one line instead
+    transformers_logging.set_verbosity_error()
     try:
         config = family.config_class.from_pretrained(model_dir, **config_overrides)
         model, info = family.model_class.from_pretrained(model_dir, config=config, dtype=dtype,
                                                          output_loading_info=True)
-    except ValueError as err:  # a setting this model cannot take, e.g. an embedding-only prompt on ChatGLM2
-        raise ModelFolderError(f"{model_dir}: {err}") from None
+    except (ValueError, RuntimeError) as err:  # a setting this model cannot take, weights of another shape
+        raise ModelFolderError(f"{model_dir}: {str(err).splitlines()[0]}") from None
+    finally:
+        transformers_logging.set_verbosity(verbosity)
     new_modules = (family.prompt_prefix,) if config_overrides.get("pre_seq_len") else ()
     missing = [k for k in info["missing_keys"] if not k.startswith(new_modules)]
     unexpected = list(info["unexpected_keys"])

@@ -29,6 +29,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
 from configuration_chatglm import ChatGLMConfig
+from quantization import QuantizedLinear, quantize_model
 
 ROPE_BASE = 10000.0
 MASKED_SCORE = -10000.0  # the official code fills masked scores with this, not -inf
@@ -416,6 +417,8 @@ class ChatGLMPreTrainedModel(NonReentrantCheckpointing, PreTrainedModel):
 
     @torch.no_grad()
     def _init_weights(self, module):
+        if isinstance(module, QuantizedLinear):  # its int weights come from quantizing or from a quantized folder
+            return
         std = 0.02
         if getattr(module, "keeps_torch_default_init", False):
             module.reset_parameters()
@@ -453,9 +456,6 @@ class PromptSlots:
 class ChatGLMModel(PromptSlots, ChatGLMPreTrainedModel):
     def __init__(self, config: ChatGLMConfig):
         super().__init__(config)
-        if config.quantization_bit:
-            raise ValueError(f"quantization_bit={config.quantization_bit}: quantised checkpoints are not supported; "
-                             "use the float16 ChatGLM-6B weights")
         self.word_embeddings = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList([GLMBlock(config, i) for i in range(config.num_layers)])
         self.final_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layernorm_epsilon)
@@ -548,6 +548,8 @@ class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin):
         super().__init__(config)
         self.transformer = ChatGLMModel(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.quantization_bit:  # a pre-quantized folder: its int weights and scales load into these layers
+            quantize_model(self, config.quantization_bit, empty=True)
         self.post_init()
 
     def get_output_embeddings(self):

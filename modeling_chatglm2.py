@@ -22,6 +22,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
 from configuration_chatglm2 import ChatGLMConfig
+from quantization import QuantizedLinear, quantize_model
 from modeling_chatglm import (MASKED_SCORE, SDPA_BACKENDS, NonReentrantCheckpointing, PackedRows, PromptSlots,
                               first_index, keep_torch_default_init, labelled_token_loss, packed_rows_attention,
                               soft_prompt_length, with_soft_prompt_per_row)
@@ -179,6 +180,8 @@ class ChatGLMPreTrainedModel(NonReentrantCheckpointing, PreTrainedModel):
 
     @torch.no_grad()
     def _init_weights(self, module):
+        if isinstance(module, QuantizedLinear):  # its int weights come from quantizing or from a quantized folder
+            return
         if getattr(module, "keeps_torch_default_init", False):
             module.reset_parameters()
         elif isinstance(module, (nn.Linear, nn.Embedding)):
@@ -285,6 +288,8 @@ class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin):
     def __init__(self, config):
         super().__init__(config)
         self.transformer = ChatGLMModel(config)
+        if getattr(config, "quantization_bit", 0):  # a pre-quantized folder: its int weights and scales load here
+            quantize_model(self, config.quantization_bit, empty=True)
         self.post_init()
 
     def get_output_embeddings(self):

@@ -11,9 +11,23 @@ class FreezePredict(PredictMethod):
 
     def load(self, base_dir, checkpoint_dir, args, family, dtype):
         from model_family import load_model
-        model = load_model(base_dir, family, dtype=dtype)
+        # on a quantized base (--quantization_bit, as in training) the trained layers stay in full precision
+        model = load_model(base_dir, family, dtype=dtype, quantization_bit=args.quantization_bit or 0,
+                           keep_float=trained_modules(checkpoint_dir))
         load_partial_state(model, checkpoint_dir)
         return model
+
+
+def trained_modules(checkpoint_dir):
+    """Names of the modules whose parameters the checkpoint holds (`x.weight` -> `x.`)."""
+    import os
+
+    from safetensors import safe_open
+    path = os.path.join(checkpoint_dir, "model.safetensors")
+    if not os.path.isfile(path):
+        return ()
+    with safe_open(path, "pt") as f:
+        return tuple(sorted({name.rsplit(".", 1)[0] + "." for name in f.keys()}))
 
 
 if __name__ == "__main__":

@@ -2,7 +2,8 @@
 
     python predict_lora.py --model_dir output_dir_lora --test_path data/spo_test.jsonl --device 0
 
-The adapters are merged into the weights for speed unless --no_merge (merged and unmerged give the same tokens).
+The adapters are merged into the weights for speed unless --no_merge (merged and unmerged give the same tokens) or
+the base is quantized (--quantization_bit, as in training), where they stay beside the int weights.
 """
 import os
 
@@ -22,8 +23,12 @@ class LoRAPredict(PredictMethod):
         from model_family import load_model
         if not os.path.isfile(os.path.join(checkpoint_dir, "adapter_config.json")):
             raise SystemExit(f"error: {checkpoint_dir}: no adapter_config.json; not a LoRA checkpoint")
-        model = PeftModel.from_pretrained(load_model(base_dir, family, dtype=dtype), checkpoint_dir)
-        return model if args.no_merge else model.merge_and_unload()
+        from model_family import folder_quantization_bit
+        base = load_model(base_dir, family, dtype=dtype, quantization_bit=args.quantization_bit or 0)
+        model = PeftModel.from_pretrained(base, checkpoint_dir)
+        quantized = args.quantization_bit or folder_quantization_bit(base_dir)
+        # adapters cannot be merged into int8 weights: on a quantized base they stay beside them
+        return model if args.no_merge or quantized else model.merge_and_unload()
 
 
 if __name__ == "__main__":

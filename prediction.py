@@ -12,7 +12,8 @@ import time
 
 import torch
 
-from training import DEFAULT_PROMPT, TRAINING_ARGS_FILE, latest_checkpoint
+from checkpoints import latest_checkpoint, saved_training_args
+from training import DEFAULT_PROMPT
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 PARTIAL_FILE = "predictions.partial.jsonl"  # each batch's tokens as soon as they exist; removed when all are written
@@ -42,16 +43,21 @@ def build_parser(method):
     parser.add_argument("--device", default=None, help="GPU index, or cpu (default: GPU 0 if there is one)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default=None,
                         help="default bf16 on a GPU that has it, fp16 on other GPUs, fp32 on the CPU")
+    parser.add_argument("--quantization_bit", type=int, choices=[8, 4], default=None,
+                        help="quantize the base's block linears to INT8/INT4 (THUDM's format) before generating; "
+                             "default: as the training run did (a pre-quantized base folder loads as it is)")
     parser.add_argument("--max_len", type=int, default=None, help="default: the training run's (768)")
     parser.add_argument("--max_src_len", type=int, default=None, help="default: the training run's (450)")
     parser.add_argument("--prompt_text", default=None, help="default: the training run's prompt")
-    parser.add_argument("--batch_size", type=int, default=16, help="rows generated together (50 rows of 768 tokens "
-                        "hold about 18 GB of cache on ChatGLM-6B)")
+    parser.add_argument("--batch_size", type=int, default=None, help="rows generated together (default: on a GPU as "
+                        "many as the free memory holds the cache of, all 50 spo rows on a 24 GB card with ChatGLM-6B "
+                        "in bf16; 16 on the CPU)")
     parser.add_argument("--decoder", choices=["static", "generate"], default="static",
                         help="static: preallocated cache, each step one CUDA graph on a GPU; generate: transformers' "
                              "generate() (slower, same tokens)")
     parser.add_argument("--max_new_tokens", type=int, default=None, help="default: max_len - max_src_len - 3")
-    parser.add_argument("--task", choices=["triple", "classification", "generation"], default="triple")
+    parser.add_argument("--task", choices=["triple", "classification", "generation"], default=None,
+                        help="the score: default the training run's --task, else triple")
     parser.add_argument("--output_dir", default=None, help="for predictions.jsonl and metrics.json "
                         "(default: the checkpoint folder)")
     parser.add_argument("--mode", default=None, help="model family, if not the one read from the model folder")
@@ -62,23 +68,41 @@ def build_parser(method):
     return parser
 
 
-def resolve_checkpoint(path):
+def resolve_checkpoint(path, method_name):
+    """The checkpoint folder a --model_dir names (a training output folder means its latest checkpoint), refused in
+    one line when it is a base model folder or another method's checkpoint."""
     if not os.path.isdir(path):
         raise SystemExit(f"error: {path}: checkpoint folder not found (train first, or pass --model_dir)")
-    return latest_checkpoint(path) or path
+    folder = latest_checkpoint(path) or path
+    trained_by = saved_training_args(folder).get("method")
+    if trained_by and trained_by != method_name:
+        raise SystemExit(f"error: {folder} is a checkpoint of finetuning_{trained_by}.py; predict with it through "
+                         f"predict_{trained_by}.py")
+    if not trained_by and looks_like_base_model(folder):
+        raise SystemExit(f"error: {folder} is a base model folder, not a checkpoint: pass the checkpoint (or the "
+                         f"training --output_dir) as --model_dir, and this folder as --ori_model_dir if the "
+                         "checkpoint does not name it")
+    return folder
 
 
-def saved_training_args(checkpoint_dir):
-    path = os.path.join(checkpoint_dir, TRAINING_ARGS_FILE)
-    if not os.path.isfile(path):
-        return {}
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
+def looks_like_base_model(folder):
+    """A model folder (config.json of a known family and weights) without a trace of fine-tuning in it."""
+    from model_family import ModelFolderError, check_weight_files, family_for
+    if os.path.isfile(os.path.join(folder, "adapter_config.json")):
+        return False
+    try:
+        family_for(folder)
+        check_weight_files(folder)
+        with open(os.path.join(folder, "config.json"), encoding="utf-8") as f:
+            return not json.load(f).get("pre_seq_len")
+    except (ModelFolderError, OSError, ValueError):
+        return False
 
 
 def fill_defaults(args, saved):
     """Unset arguments take the training run's values, then the reference defaults."""
-    fallback = {"max_len": 768, "max_src_len": 450, "prompt_text": DEFAULT_PROMPT, "mode": None}
+    fallback = {"max_len": 768, "max_src_len": 450, "prompt_text": DEFAULT_PROMPT, "mode": None, "task": "triple",
+                "quantization_bit": None}
     for key, value in fallback.items():
         if getattr(args, key) is None:
             setattr(args, key, saved.get(key, value))
@@ -88,6 +112,11 @@ def fill_defaults(args, saved):
             raise SystemExit("error: --ori_model_dir is needed: the checkpoint does not say which base model it has")
     if args.max_new_tokens is None:
         args.max_new_tokens = args.max_len - args.max_src_len - 3
+        if args.max_new_tokens < 1:
+            raise SystemExit(f"error: --max_len {args.max_len} - --max_src_len {args.max_src_len} leaves no room for "
+                             "new tokens; set --max_new_tokens, or a --max_len above --max_src_len + 3")
+    elif args.max_new_tokens < 1:
+        raise SystemExit(f"error: --max_new_tokens {args.max_new_tokens}: must be at least 1")
 
 
 def pick_device(device_arg):
@@ -135,11 +164,12 @@ def generate(model, tokenizer, prompts, max_new_tokens, batch_size, device, stop
         input_ids, attention_mask = left_pad([prompts[i] for i in chosen], tokenizer.pad_token_id)
         input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
         if decoder == "static":
-            new = greedy_decode(model, input_ids, attention_mask, max_new_tokens, stop_ids)
+            new = greedy_decode(model, input_ids, attention_mask, max_new_tokens, stop_ids,
+                                vocab_size=tokenizer.vocab_size)
         else:
             new = model.generate(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens,
-                                 do_sample=False, eos_token_id=stop_ids,
-                                 pad_token_id=tokenizer.pad_token_id)[:, input_ids.shape[1]:]
+                                 do_sample=False, eos_token_id=stop_ids, pad_token_id=tokenizer.pad_token_id,
+                                 suppress_tokens=ids_without_token(model, tokenizer))[:, input_ids.shape[1]:]
         for row, i in zip(new.tolist(), chosen):
             ends = [k for k, t in enumerate(row) if t in stop_ids]
             results[i] = row[:ends[0]] if ends else row
@@ -148,6 +178,41 @@ def generate(model, tokenizer, prompts, max_new_tokens, batch_size, device, stop
         if progress is not None:
             progress.update(len(chosen))
     return results
+
+
+def ids_without_token(model, tokenizer):
+    """Output ids beyond the tokenizer's (a padded vocabulary: ChatGLM2/3 have 65,024 outputs for 64,798 tokens)."""
+    outputs = model.get_output_embeddings().weight.shape[0]
+    return list(range(tokenizer.vocab_size, outputs)) or None
+
+
+def auto_batch_size(model, prompts, max_new_tokens, device, rows_on_cpu=16):
+    """Rows per batch: on a GPU as many as the free memory holds the KV cache and the prefill's activations of (with
+    a 25% margin), at most all rows; on the CPU `rows_on_cpu`."""
+    if device.type != "cuda":
+        return rows_on_cpu
+    config = model.config
+    layers = getattr(config, "num_layers", None) or config.num_hidden_layers
+    kv_heads = getattr(config, "multi_query_group_num", None) if getattr(config, "multi_query_attention", False) \
+        else getattr(config, "num_attention_heads")
+    head_dim = config.hidden_size // config.num_attention_heads
+    element = next(model.parameters()).element_size()
+    longest = max(map(len, prompts)) + max_new_tokens + 64
+    cache_per_row = 2 * layers * kv_heads * head_dim * longest * element
+    # the prefill of one row: the MLP's widest activation and the logits of one token, a few times over
+    width = getattr(config, "ffn_hidden_size", None) or getattr(config, "inner_hidden_size", 4 * config.hidden_size)
+    prefill_per_row = 4 * longest * width * element
+    free, _ = torch.cuda.mem_get_info(device)
+    fit = int(0.75 * free // (cache_per_row + prefill_per_row))
+    return max(1, min(len(prompts), fit))
+
+
+def warn_if_task_looks_wrong(task, rows):
+    """Triple F1 over references that hold no triple is 1.0 for empty answers and 0 elsewhere: say so."""
+    from metrics import parse_triples
+    if task == "triple" and not any(parse_triples(a) for row in rows for a in row.answers if a):
+        print(f"warning: --task triple, but none of the {len(rows)} references holds a triple (a line "
+              "subject_relation_object); use --task classification or generation for other data")
 
 
 def write_outputs(output_dir, rows, generated, scores, summary):
@@ -162,34 +227,49 @@ def write_outputs(output_dir, rows, generated, scores, summary):
 
 
 def main(method, argv=None):
-    from tqdm import tqdm
-
-    from data_set import DataError, encode_prompt, read_rows
-    from metrics import TASKS
-    from model_family import ModelFolderError, family_for, load_tokenizer
     args = build_parser(method).parse_args(argv)
-    checkpoint = resolve_checkpoint(args.model_dir)
-    fill_defaults(args, saved_training_args(checkpoint))
-    device = pick_device(args.device)
-    dtype = pick_dtype(args.dtype, device)
+    try:
+        return predict(method, args)
+    except KeyboardInterrupt:
+        output_dir = args.output_dir or (resolve_checkpoint(args.model_dir, method.name) if args.model_dir else ".")
+        print(f"\ninterrupted: the rows generated so far are in {os.path.join(output_dir, PARTIAL_FILE)}; run the "
+              "same command with --resume to generate only the others", flush=True)
+        raise SystemExit(130)
+
+
+def load_for_prediction(method, args, checkpoint, device, dtype):
+    """Family, tokenizer, test rows, their prompts, and the model; bad input stops with one line."""
+    from data_set import DataError, encode_prompt, read_rows
+    from model_family import ModelFolderError, family_for, load_tokenizer
     try:
         family = family_for(args.ori_model_dir, args.mode)
         tokenizer = load_tokenizer(args.ori_model_dir, family)
         rows = read_rows(args.test_path, args.prompt_text, args.skip_bad_rows, allow_empty_answer=True)
+        prompts = [encode_prompt(tokenizer, family, row, args.max_src_len, args.test_path) for row in rows]
         model = method.load(args.ori_model_dir, checkpoint, args, family, dtype).to(device).eval()
     except (ModelFolderError, DataError) as err:
         raise SystemExit(f"error: {err}")
-    try:
-        prompts = [encode_prompt(tokenizer, family, row, args.max_src_len, args.test_path) for row in rows]
-    except DataError as err:
-        raise SystemExit(f"error: {err}")
+    return family, tokenizer, rows, prompts, model
+
+
+def predict(method, args):
+    from tqdm import tqdm
+
+    from metrics import TASKS
+    checkpoint = resolve_checkpoint(args.model_dir, method.name)
+    fill_defaults(args, saved_training_args(checkpoint))
+    device = pick_device(args.device)
+    dtype = pick_dtype(args.dtype, device)
+    family, tokenizer, rows, prompts, model = load_for_prediction(method, args, checkpoint, device, dtype)
+    warn_if_task_looks_wrong(args.task, rows)
+    batch_size = args.batch_size or auto_batch_size(model, prompts, args.max_new_tokens, device)
     output_dir = args.output_dir or checkpoint
     os.makedirs(output_dir, exist_ok=True)
     partial_path = os.path.join(output_dir, PARTIAL_FILE)
     start = time.time()
-    with tqdm(total=len(rows), desc="predict", unit="row") as bar:
+    with tqdm(total=len(rows), desc=f"predict (batches of {batch_size})", unit="row") as bar:
         def generate_rows(indices, on_batch):
-            return generate(model, tokenizer, [prompts[i] for i in indices], args.max_new_tokens, args.batch_size,
+            return generate(model, tokenizer, [prompts[i] for i in indices], args.max_new_tokens, batch_size,
                             device, family.stop_token_ids(tokenizer), bar, args.decoder, on_batch)
         new_tokens, todo, fresh = generate_keeping_partial(partial_path, rows, args.resume, generate_rows, bar)
     seconds = max(time.time() - start, 1e-9)
@@ -197,7 +277,7 @@ def main(method, argv=None):
     scores, summary = TASKS[args.task](generated, [row.answers for row in rows])
     summary = {"task": args.task, **{k: round(v, 6) for k, v in summary.items()}, "rows": len(rows),
                "generated_rows": len(todo), "seconds": round(seconds, 3), "rows_per_s": round(len(todo) / seconds, 3),
-               "generated_tokens_per_s": round(sum(map(len, fresh)) / seconds, 1),
+               "generated_tokens_per_s": round(sum(map(len, fresh)) / seconds, 1), "batch_size": batch_size,
                "checkpoint": checkpoint, "base_model": args.ori_model_dir}
     write_outputs(output_dir, rows, generated, scores, summary)
     os.remove(partial_path)

@@ -120,7 +120,8 @@ class ChatGLMTokenizer(PreTrainedTokenizer):
         if skip_special_tokens:
             special = set(self.all_special_ids)
             token_ids = [i for i in token_ids if i not in special]
-        pieces = [self._convert_id_to_token(i) for i in token_ids if i >= self.num_image_tokens]
+        # ids past the vocabulary (a padded output layer's extra rows) stand for no text
+        pieces = [self._convert_id_to_token(i) for i in token_ids if self.num_image_tokens <= i < self.vocab_size]
         return decode_layout(self.sp.DecodePieces(pieces))
 
     def build_inputs_with_special_tokens(self, token_ids_0, token_ids_1=None):

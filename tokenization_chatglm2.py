@@ -63,7 +63,7 @@ class ChatGLMTokenizer(PreTrainedTokenizer):
             (set(self.special_names) if skip_special_tokens else set())
         text, run = "", []
         for i in token_ids:
-            if i in hidden:
+            if i in hidden or not 0 <= i < self.vocab_size:  # a padded output layer's extra ids stand for no text
                 continue
             if i in self.special_names:  # special tokens decode to their names, between decoded runs
                 text, run = text + self.sp.DecodeIds(run) + self.special_names[i], []

@@ -6,10 +6,10 @@ part is saved) and calls `main(method)`. Everything else happens here, in this o
     arguments -> distributed set-up -> tokenizer, data, model -> method.prepare -> deepspeed.initialize
     -> (resume) -> for each epoch, for each batch: forward, backward, step, log, save
 
-A checkpoint folder `checkpoint-<step>` holds what the method trained (enough to predict with, together with the
-base model folder), the tokenizer, `training_args.json`, and `ds_state/` (optimizer, scheduler, step, data
-position, random state) for `--resume`. It is written under a temporary name and renamed when complete, and
-`latest` names the newest complete one, so a run killed mid-save resumes from the last complete checkpoint.
+Everything that can be checked without the weights (arguments, the output folder, what --resume needs, the data)
+is checked before they load, which takes minutes for a 6B model. The checkpoint folders (what they hold, atomic
+writes, `latest`, resume) are checkpoints.py's. Ctrl-C, SIGTERM or a stopped `deepspeed` launcher end a run with
+one line that names the checkpoint `--resume` continues from.
 """
 import argparse
 import atexit
@@ -17,18 +17,19 @@ import json
 import math
 import os
 import random
-import shutil
+import signal
 import socket
 import time
 
 import torch
 from torch.utils.data import DataLoader
 
+from checkpoints import (OutputFolderLock, check_output_dir, check_resume_settings, clear_output_dir,
+                         latest_checkpoint, resume_from_checkpoint, save_checkpoint)
 from optimizer import MasterWeightAdamW
 
 DEFAULT_PROMPT = ('你现在是一个信息抽取模型，请你帮我抽取出关系内容为"性能故障", "部件故障", "组成"和 "检测工具"的相关三元组，'
                   '三元组内部用"_"连接，三元组之间用\\n分割。文本：')
-TRAINING_ARGS_FILE = "training_args.json"
 
 
 class Method:
@@ -47,6 +48,13 @@ class Method:
     def prepare(self, model, args, family):
         """Choose what trains (requires_grad) and wrap the model if needed; returns the model to train."""
         raise NotImplementedError
+
+    def check_arguments(self, args, family, config):
+        """Refuse arguments that do not fit the model (its config, read before the weights load) in one line."""
+
+    def float_modules(self, args, family, config):
+        """Name fragments of modules that train and so stay in full precision on a quantized base."""
+        return ()
 
     def save(self, model, trained_state, folder, args):
         """Write the trained parameters (`trained_state`: name -> CPU tensor) into `folder`."""
@@ -70,6 +78,8 @@ def build_parser(method):
     data.add_argument("--max_len", type=int, default=768, help="longest training row in tokens")
     data.add_argument("--max_src_len", type=int, default=450, help="longest prompt + text in tokens")
     data.add_argument("--skip_bad_rows", action="store_true", help="skip and count bad rows instead of stopping")
+    data.add_argument("--task", choices=["triple", "classification", "generation"], default="triple",
+                      help="how the predict scripts score this model (recorded in the checkpoint as their default)")
     data.add_argument("--group_by_length", action="store_true",
                       help="batch rows of similar length: less padding (ChatGLM-6B LoRA on an H100: 38.3 -> 30.7 ms "
                            "per step); batches are still drawn in random order")
@@ -81,6 +91,10 @@ def build_parser(method):
     model.add_argument("--model_dir", default="ChatGLM-6B", help="the base model folder (config.json, tokenizer, "
                        "weights)")
     model.add_argument("--mode", default=None, help="model family, if not the one read from the model folder")
+    model.add_argument("--quantization_bit", type=int, choices=[8, 4], default=None,
+                       help="quantize the frozen base's block linears to INT8 or INT4 at load time (THUDM's format and "
+                            "rounding; a folder whose config.json has quantization_bit is loaded as it is): LoRA and "
+                            "P-Tuning train over it, Freeze keeps its trained layers in full precision")
     model.add_argument("--gradient_checkpointing", action="store_true", help="recompute activations: less memory")
     model.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                        help="torch.compile each transformer block (default: on a GPU, off on the CPU)")
@@ -116,7 +130,10 @@ def build_parser(method):
     train.add_argument("--save_steps", type=int, default=0, help="also save every N steps (0: at epoch ends only)")
     train.add_argument("--keep_checkpoints", type=int, default=3,
                        help="keep the newest N checkpoints, delete older ones (0: keep all)")
-    train.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --output_dir")
+    train.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --output_dir "
+                       "(after Ctrl-C, a kill or a crash; the same settings and number of processes)")
+    train.add_argument("--overwrite_output_dir", action="store_true", help="start over in an --output_dir that holds "
+                       "an earlier run: its checkpoints and metrics are deleted (without it such a run is refused)")
     train.add_argument("--dump_final_state", default=None, metavar="FILE",
                        help="also write every parameter of the trained model to this safetensors file (to check "
                             "what training changed)")
@@ -188,8 +205,11 @@ def deepspeed_config(args, world_size):
     if args.offload:
         config["zero_optimization"]["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
     if args.ds_config:
-        with open(args.ds_config, encoding="utf-8") as f:
-            config.update(json.load(f))
+        try:
+            with open(args.ds_config, encoding="utf-8") as f:
+                config.update(json.load(f))
+        except (OSError, ValueError) as err:
+            raise SystemExit(f"error: --ds_config {args.ds_config}: {err}") from None
     return config
 
 
@@ -311,109 +331,6 @@ def build_engine(model, args, world_size, device, total_steps):
         if master_weights:
             engine.enable_backward_allreduce = False  # one process: DeepSpeed would copy every gradient to "reduce" it
     return engine
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Checkpoints
-# ----------------------------------------------------------------------------------------------------------------
-
-def trained_state_dict(engine):
-    """name -> CPU tensor of every trainable parameter; under ZeRO-3 gathered from all ranks (all ranks call this)."""
-    import deepspeed
-    state = {}
-    for name, p in engine.module.named_parameters():
-        if not p.requires_grad:
-            continue
-        if hasattr(p, "ds_id"):  # ZeRO-3 partitioned
-            with deepspeed.zero.GatheredParameters([p], modifier_rank=None):
-                state[name] = p.detach().cpu().clone()
-        else:
-            state[name] = p.detach().cpu().clone()
-    return state
-
-
-def write_json_atomic(path, obj):
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, ensure_ascii=False, indent=2)
-    os.replace(tmp, path)
-
-
-def latest_checkpoint(output_dir):
-    """The newest complete checkpoint folder of a run, or None."""
-    pointer = os.path.join(output_dir, "latest")
-    if not os.path.isfile(pointer):
-        return None
-    with open(pointer, encoding="utf-8") as f:
-        folder = os.path.join(output_dir, f.read().strip())
-    return folder if os.path.isdir(folder) else None
-
-
-def save_checkpoint(engine, method, args, tokenizer, progress, rank):
-    """Write checkpoint-<step> atomically: into a temporary folder, renamed when complete; then point `latest` at it."""
-    name = f"checkpoint-{progress['step']}"
-    final = os.path.join(args.output_dir, name)
-    tmp = os.path.join(args.output_dir, f".{name}.tmp")
-    if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp)
-    torch.distributed.barrier()
-    engine.save_checkpoint(os.path.join(tmp, "ds_state"), tag="state", client_state=dict(progress),
-                           exclude_frozen_parameters=True)
-    torch.save({"python": random.getstate(), "torch": torch.get_rng_state(),
-                "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None},
-               os.path.join(tmp, f"rng_state_{rank}.pt"))
-    torch.distributed.barrier()  # every rank has written into tmp before rank 0 renames it
-    state = trained_state_dict(engine)
-    if rank == 0:
-        method.save(engine.module, state, tmp, args)
-        tokenizer.save_pretrained(tmp)
-        write_json_atomic(os.path.join(tmp, TRAINING_ARGS_FILE),
-                          {"method": method.name, "optimizer": type(engine.optimizer).__name__, **vars(args)})
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        with open(os.path.join(args.output_dir, "latest.tmp"), "w") as f:
-            f.write(name)
-        os.replace(os.path.join(args.output_dir, "latest.tmp"), os.path.join(args.output_dir, "latest"))
-        delete_old_checkpoints(args.output_dir, args.keep_checkpoints)
-    torch.distributed.barrier()
-    return final
-
-
-def delete_old_checkpoints(output_dir, keep):
-    """Remove all but the newest `keep` checkpoint-<step> folders (only after the newest is complete)."""
-    if keep <= 0:
-        return
-    steps = sorted(int(n.split("-")[1]) for n in os.listdir(output_dir)
-                   if n.startswith("checkpoint-") and n.split("-")[1].isdigit())
-    for step in steps[:-keep]:
-        shutil.rmtree(os.path.join(output_dir, f"checkpoint-{step}"), ignore_errors=True)
-
-
-def check_same_optimizer(folder, engine):
-    """The optimizer state's layout depends on the optimizer (MasterWeightAdamW in one bf16 process, DeepSpeed's
-    ZeRO optimizers otherwise): a mismatch is refused here, before DeepSpeed fails on it mid-load."""
-    with open(os.path.join(folder, TRAINING_ARGS_FILE), encoding="utf-8") as f:
-        saved = json.load(f)
-    written, now = saved.get("optimizer"), type(engine.optimizer).__name__
-    if written and written != now:
-        raise SystemExit(f"error: --resume: {folder} was written with the {written} optimizer (precision "
-                         f"{saved.get('precision')}, --zero_stage {saved.get('zero_stage')}) and this run uses {now}: "
-                         f"resume with the same precision, --zero_stage, --offload and number of processes")
-
-
-def resume_from_checkpoint(engine, args, rank):
-    folder = latest_checkpoint(args.output_dir)
-    if folder is None:
-        raise SystemExit(f"--resume: no complete checkpoint in {args.output_dir} (no 'latest' file)")
-    check_same_optimizer(folder, engine)
-    _, progress = engine.load_checkpoint(os.path.join(folder, "ds_state"), tag="state", load_module_strict=False)
-    rng = torch.load(os.path.join(folder, f"rng_state_{rank}.pt"), weights_only=False)
-    random.setstate(rng["python"])
-    torch.set_rng_state(rng["torch"])
-    if rng["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state(rng["cuda"])
-    return folder, {k: progress[k] for k in ("step", "epoch", "batches_done")}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -576,7 +493,7 @@ def train(engine, method, family, args, tokenizer, train_set, eval_loader, sampl
 
 
 def save_and_evaluate(engine, method, args, tokenizer, eval_loader, metrics, progress, device, rank):
-    folder = save_checkpoint(engine, method, args, tokenizer, progress, rank)
+    folder = save_checkpoint(engine, method, args, tokenizer, progress, rank, torch.distributed.get_world_size())
     if eval_loader is not None:
         eval_loss = evaluate(engine, eval_loader, device)
         metrics.write({"step": progress["step"], "eval_loss": round(eval_loss, 6)})
@@ -618,10 +535,10 @@ def train_loader_collate(tokenizer, multiple=0, with_label_positions=False, pack
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
-def load_inputs(args, method, rank):
-    """Family, tokenizer, training set, evaluation loader and model; bad input stops with one line."""
+def load_data(args, rank):
+    """Family, tokenizer, training set and evaluation loader (no weights yet); bad input stops with one line."""
     from data_set import DataError, PadToLongest, Seq2SeqDataset
-    from model_family import ModelFolderError, family_for, load_model, load_tokenizer
+    from model_family import ModelFolderError, family_for, load_tokenizer
     log = print if rank == 0 else (lambda *a, **k: None)
     try:
         family = family_for(args.model_dir, args.mode)
@@ -634,44 +551,138 @@ def load_inputs(args, method, rank):
                                       args.prompt_text, args.skip_bad_rows, log)
             eval_loader = DataLoader(eval_set, batch_size=args.train_batch_size,
                                      collate_fn=PadToLongest(tokenizer.pad_token_id))
-        model = load_model(args.model_dir, family, dtype=DTYPES[args.precision], **method.config_overrides(args))
     except (ModelFolderError, DataError) as err:
         raise SystemExit(f"error: {err}")
-    return family, tokenizer, train_set, eval_loader, model
+    return family, tokenizer, train_set, eval_loader
+
+
+def load_base_model(args, method, family, device):
+    """The base model's weights, after the method has checked its arguments against the model's config."""
+    from model_family import ModelFolderError, folder_quantization_bit, load_model
+    try:
+        try:
+            config = family.config_class.from_pretrained(args.model_dir)
+        except ValueError as err:
+            raise ModelFolderError(f"{args.model_dir}: {err}") from None
+        method.check_arguments(args, family, config)
+        if args.zero_stage == 3 and (args.quantization_bit or folder_quantization_bit(args.model_dir)):
+            raise SystemExit("error: a quantized base cannot be sharded by ZeRO-3 (its int8 weights are not "
+                             "trained); use --zero_stage 1 or 2")
+        return load_model(args.model_dir, family, dtype=DTYPES[args.precision],
+                          quantization_bit=args.quantization_bit or 0,
+                          keep_float=method.float_modules(args, family, config), device=device,
+                          **method.config_overrides(args))
+    except ModelFolderError as err:
+        raise SystemExit(f"error: {err}")
+
+
+def prepare_output_dir(args, rank, world_size):
+    """Before anything loads: hold the output folder for this run, refuse to mix two runs in it, and check that a
+    checkpoint to resume from was written the way this run trains. Returns that checkpoint (or None)."""
+    global _output_lock  # held until the process ends
+    if rank == 0:
+        _output_lock = OutputFolderLock(args.output_dir)
+    folder = check_output_dir(args)
+    if folder is not None:
+        check_resume_settings(folder, args, world_size, uses_master_weight_adamw(args, world_size))
+    elif args.overwrite_output_dir and rank == 0:
+        clear_output_dir(args.output_dir)
+    torch.distributed.barrier()
+    return folder
+
+
+_output_lock = None
+
+
+def stop_with_launcher():
+    """A signal to the `deepspeed` command ends it but not the ranks (its child, DeepSpeed's launch.py, is not told):
+    each rank watches the launcher processes above it and stops as on Ctrl-C once they are gone. A SIGTERM (which
+    launch.py sends its ranks when it is stopped) is taken as Ctrl-C too, so that the rank says where it stopped."""
+    import threading
+
+    import psutil
+
+    def interrupted(signum, frame):
+        raise KeyboardInterrupt
+    signal.signal(signal.SIGTERM, interrupted)
+    try:
+        launchers = [p for p in psutil.Process().parents()[:2] if "deepspeed" in " ".join(p.cmdline())]
+    except psutil.Error:
+        return
+    if not launchers:
+        return
+
+    def alive(process):
+        try:
+            return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
+        except psutil.Error:
+            return False
+
+    def watch():
+        while all(alive(p) for p in launchers):
+            time.sleep(1)
+        os.kill(os.getpid(), signal.SIGINT)
+    threading.Thread(target=watch, daemon=True, name="launcher-watch").start()
+
+
+def report_interrupted(args, rank):
+    """Ctrl-C, SIGTERM or a stopped launcher: say what is saved and how to continue, without a traceback."""
+    if rank == 0:
+        folder = latest_checkpoint(args.output_dir)
+        print(f"\ninterrupted: {'the latest complete checkpoint is ' + folder if folder else 'no checkpoint saved yet'}"
+              + ("; run the same command with --resume to continue from it" if folder else ""), flush=True)
+    raise SystemExit(130)
+
+
+def describe_optimizer(engine, args):
+    name = type(engine.optimizer).__name__
+    if name == "MasterWeightAdamW":
+        return (f"optimizer: {name} (one process: ZeRO-{args.zero_stage} would partition nothing, so our fused "
+                "AdamW keeps the fp32 masters)")
+    return f"optimizer: {name}, DeepSpeed ZeRO stage {engine.zero_optimization_stage()}"
 
 
 def main(method, argv=None):
     args = build_parser(method).parse_args(argv)
     args.precision = resolve_precision(args)
     rank, world_size, device = setup_distributed()
-    args.pack_rows = resolve_pack_rows(args, device)
-    seed_everything(args.seed)
+    try:
+        return run(method, args, rank, world_size, device)
+    except KeyboardInterrupt:
+        report_interrupted(args, rank)
+
+
+def run(method, args, rank, world_size, device):
+    stop_with_launcher()
     from data_set import EpochSampler
-    family, tokenizer, train_set, eval_loader, model = load_inputs(args, method, rank)
-    if args.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
-    model = method.prepare(model, args, family)
+    args.pack_rows = resolve_pack_rows(args, device)
+    args.cuda_graphs = resolve_cuda_graphs(args, device)
     if args.pad_to_multiple_of is None:
         args.pad_to_multiple_of = 64 if device.type == "cuda" else 0
-    if args.compile or (args.compile is None and device.type == "cuda"):
-        compile_blocks(model)
-    args.cuda_graphs = resolve_cuda_graphs(args, device)
-    trainable, total = count_parameters(model)
-    if rank == 0:
-        print(f"{method.name}: trainable parameters {trainable:,} / {total:,} ({100 * trainable / total:.4f}%)")
-        os.makedirs(args.output_dir, exist_ok=True)
+    resume_folder = prepare_output_dir(args, rank, world_size)
+    seed_everything(args.seed)
+    family, tokenizer, train_set, eval_loader = load_data(args, rank)
     sampler = EpochSampler(train_set.lengths, args.train_batch_size, args.seed, rank, world_size,
                            args.group_by_length)
     _, total_steps = schedule_length(args, sampler)
+    model = load_base_model(args, method, family, device)
+    if args.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    model = method.prepare(model, args, family)
+    if args.compile or (args.compile is None and device.type == "cuda"):
+        compile_blocks(model)
+    trainable, total = count_parameters(model)
+    if rank == 0:
+        print(f"{method.name}: trainable parameters {trainable:,} / {total:,} ({100 * trainable / total:.4f}%)")
     engine = build_engine(model, args, world_size, device, total_steps)
     if rank == 0:
-        print(f"optimizer: {type(engine.optimizer).__name__}, DeepSpeed ZeRO stage {engine.zero_optimization_stage()}, "
-              f"{args.precision}; batches: {'rows packed into one sequence' if args.pack_rows else 'rows padded'}")
+        print(f"{describe_optimizer(engine, args)}, {args.precision}; batches: "
+              f"{'rows packed into one sequence' if args.pack_rows else 'rows padded'}")
     progress = {"step": 0, "epoch": 0, "batches_done": 0}
-    if args.resume:
-        folder, progress = resume_from_checkpoint(engine, args, rank)
+    if resume_folder:
+        progress = resume_from_checkpoint(engine, resume_folder, rank)
         if rank == 0:
-            print(f"resumed from {folder} at step {progress['step']}")
+            print(f"resumed from {resume_folder} at step {progress['step']}")
     last_loss = train(engine, method, family, args, tokenizer, train_set, eval_loader, sampler, device, rank,
                       world_size, progress)
     if rank == 0:

@@ -76,7 +76,7 @@ def test_bad_rows_can_be_skipped_and_counted(tmp_path):
     path = write(tmp_path, "x.jsonl", '{"text": "a", "answer": "b"}\nbad\n{"text": "c"}\n')
     messages = []
     rows = read_rows(path, skip_bad=True, log=messages.append)
-    assert len(rows) == 1 and "skipped 2 bad row(s)" in messages[0]
+    assert len(rows) == 1 and "skipped 2 bad row(s): 1 x not valid JSON" in messages[0]
 
 
 def test_missing_file(tmp_path):

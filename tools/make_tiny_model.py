@@ -136,9 +136,35 @@ def build_tiny_model(output_dir, num_layers=4, hidden_size=128, num_attention_he
             if parameter.ndim == 2:
                 head = any(k in name for k in ("embeddings", "lm_head", "output_layer"))
                 parameter.normal_(0.0, embedding_std if head else init_std)
+    config.auto_map = OFFICIAL_AUTO_MAP[family]
     config.save_pretrained(output_dir)
+    add_tokenizer_auto_map(output_dir)
     save_weights(official_state_dict(model), output_dir, weights_format, shards)
     return output_dir
+
+
+# What the official folders' config.json names for trust_remote_code loading (their .py files sit beside it)
+OFFICIAL_AUTO_MAP = {
+    "chatglm": {"AutoConfig": "configuration_chatglm.ChatGLMConfig",
+                "AutoModel": "modeling_chatglm.ChatGLMForConditionalGeneration",
+                "AutoModelForSeq2SeqLM": "modeling_chatglm.ChatGLMForConditionalGeneration"},
+}
+OFFICIAL_AUTO_MAP["chatglm2"] = OFFICIAL_AUTO_MAP["chatglm3"] = {
+    "AutoConfig": "configuration_chatglm.ChatGLMConfig",
+    "AutoModel": "modeling_chatglm.ChatGLMForConditionalGeneration",
+    "AutoModelForCausalLM": "modeling_chatglm.ChatGLMForConditionalGeneration",
+    "AutoModelForSeq2SeqLM": "modeling_chatglm.ChatGLMForConditionalGeneration"}
+
+
+def add_tokenizer_auto_map(output_dir):
+    """tokenizer_config.json names its class as the official folders do, so that AutoTokenizer with
+    trust_remote_code finds tokenization_chatglm.ChatGLMTokenizer in the folder."""
+    path = os.path.join(output_dir, "tokenizer_config.json")
+    with open(path, encoding="utf-8") as f:
+        tokenizer_config = json.load(f)
+    tokenizer_config["auto_map"] = {"AutoTokenizer": ["tokenization_chatglm.ChatGLMTokenizer", None]}
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(tokenizer_config, f, ensure_ascii=False, indent=2)
 
 
 def main():
