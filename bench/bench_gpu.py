@@ -49,6 +49,17 @@ METHODS = {
 
 
 TINY = False  # --tiny: a 2-layer model on whatever device there is, to check this script (tests/test_bench.py)
+QUANTIZATION_BIT = 0  # --quantization_bit: the blocks' linears in THUDM's INT8/INT4 format (quantization.py)
+
+
+def quantize_if_asked(model, keep=()):
+    """--quantization_bit: quantize the random model's block linears on the GPU, as load_model does for a user."""
+    if QUANTIZATION_BIT:
+        from quantization import quantize_model
+        quantize_model(model, QUANTIZATION_BIT, keep=keep)
+        if on_gpu():
+            torch.cuda.empty_cache()
+    return model
 
 
 def on_gpu():
@@ -215,6 +226,8 @@ def run_training_variant(method, gradient_checkpointing, reference, steps, warmu
                                                                  "prompt_embedding_only")}
     config = official_config(**overrides)
     model = build_model(config, dtype)
+    trained_layers = [f"layers.{i}." for i in range(config.num_layers - 5, config.num_layers)]
+    quantize_if_asked(model, keep=trained_layers if method == "freeze" else ())
     if reference:
         model.config._attn_implementation = "eager"
     if gradient_checkpointing:
@@ -273,7 +286,8 @@ def run_training_variant(method, gradient_checkpointing, reference, steps, warmu
     real_tokens = sum(b["real_tokens"] for b in measured) / steps
     flops = sum(train_flops(b, config, method, 5) for b in measured) / steps
     steps_per_epoch = REFERENCE_EPOCH_ROWS // 2
-    return {"family": FAMILY, "method": method, "gradient_checkpointing": gradient_checkpointing,
+    return {"family": FAMILY, "method": method, "quantization_bit": QUANTIZATION_BIT,
+            "gradient_checkpointing": gradient_checkpointing,
             "reference_config": reference, "compiled": compiled, "compile_mode": compile_mode, "bucket": bucket,
             "step_graphs": step_graphs, "group_by_length": group_by_length, "pack_rows": pack_rows,
             "synced_phases_ms": phases,
@@ -421,13 +435,14 @@ def run_prediction(new_tokens, single_rows, matching=None, prefill_rows=13, deco
     for name, dtype, attention, batch, decoder in PREDICTION_VARIANTS:
         if matching and matching not in name:
             continue
-        model = build_model(config, dtype).eval()
+        model = quantize_if_asked(build_model(config, dtype)).eval()
         model.config._attn_implementation = attention
         rows = prompts if batch > 1 else prompts[:single_rows]
         timed_generate(model, rows[:2], batch, 8, config.pad_token_id, decoder, prefill_rows, decode_bucket)  # warm-up
         seconds = timed_generate(model, rows, batch, new_tokens, config.pad_token_id, decoder,
                                  prefill_rows, decode_bucket) * len(prompts) / len(rows)
-        results.append({"family": FAMILY, "prediction": name, "rows": len(prompts), "measured_rows": len(rows),
+        results.append({"family": FAMILY, "prediction": name, "quantization_bit": QUANTIZATION_BIT,
+                        "rows": len(prompts), "measured_rows": len(rows),
                         "prefill_rows": prefill_rows if decoder == "static" else None,
                         "decode_bucket": decode_bucket if decoder == "static" else None,
                         "new_tokens": new_tokens, "seconds_for_50": round(seconds, 2),
@@ -613,10 +628,12 @@ def main():
                         "kernel kind and the top kernels of 10 steps")
     parser.add_argument("--find_host_waits", action="store_true", help="with --variant: also print each step part's "
                         "host time and where the host waits for the GPU")
+    parser.add_argument("--quantization_bit", type=int, choices=[0, 8, 4], default=0,
+                        help="the frozen base's block linears in INT8/INT4 (THUDM's format, quantization.py)")
     parser.add_argument("--local_rank", type=int, default=-1)
     args = parser.parse_args()
-    global TINY, FAMILY
-    TINY, FAMILY = args.tiny, args.family
+    global TINY, FAMILY, QUANTIZATION_BIT
+    TINY, FAMILY, QUANTIZATION_BIT = args.tiny, args.family, args.quantization_bit
     if args.all:
         run_all(args.out, args.steps, args.warmup, args.new_tokens, args.single_rows, args.skip_predict,
                 args.prediction_from, args.only.split(",") if args.only else None, args.block_graph_variants)

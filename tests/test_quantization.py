@@ -188,7 +188,8 @@ def test_a_prequantized_folder_missing_a_scale_is_named(prequantized_dirs, tmp_p
 
 # ---- every method on a quantized base, through the launcher ----------------------------------------------------
 
-QUANTIZED_RUNS = [("lora", 4), ("pt2", 4), ("freeze", 4), ("lora", 8)]
+# each method on a quantized base, and both widths for LoRA (the rules of both are checked bit for bit above)
+QUANTIZED_RUNS = [("lora", 4), ("pt2", 4), ("freeze", 8), ("lora", 8)]
 PREDICT = {"freeze": "predict_freeze.py", "pt2": "predict_pt.py", "lora": "predict_lora.py"}
 
 

@@ -1,0 +1,108 @@
+"""INT8 / INT4 bases beside bf16 on one GPU: training ms/step and peak memory, and predicting the 50 test rows.
+
+Each variant is one `bench/bench_gpu.py` process (a 6B-sized random model built on the GPU, spo lengths, batch 2,
+the training scripts' GPU defaults: rows packed, the step replayed as CUDA graphs, compiled blocks, ZeRO-1 bf16);
+`--quantization_bit` quantizes its block linears in THUDM's format (quantization.py) before the steps. Compare
+rows only within one run: machines differ by about 10%.
+
+    python bench/bench_quantized.py --out bench/results/quantized                     # everything (two GPU calls)
+    python bench/bench_quantized.py --only lora,pt2 --bits 0,8,4 --family chatglm --skip_predict
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BENCH = os.path.join(ROOT, "bench", "bench_gpu.py")
+NAMES = {0: "bf16", 8: "INT8", 4: "INT4"}
+
+
+def run(arguments):
+    done = subprocess.run([sys.executable, BENCH, *arguments], capture_output=True, text=True)
+    lines = [line for line in done.stdout.splitlines() if line.startswith(("{", "["))]
+    if done.returncode != 0 or not lines:
+        print(f"FAILED {arguments}: {done.stderr[-1500:]}", flush=True)
+        return None
+    return json.loads(lines[-1])
+
+
+def training_rows(methods, bits_list, family, steps, warmup, checkpointing=False):
+    """--gc: with gradient checkpointing, which the training scripts run without CUDA graphs."""
+    how = ["--gc"] if checkpointing else ["--step_graphs"]
+    rows = []
+    for method in methods:
+        for bits in bits_list:
+            row = run(["--variant", method, *how, "--pack_rows", "--family", family, "--steps", str(steps),
+                       "--warmup", str(warmup), "--quantization_bit", str(bits)])
+            if row:
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+    return rows
+
+
+def prediction_rows(bits_list, family, new_tokens):
+    rows = []
+    for bits in bits_list:
+        result = run(["--predict", "--variants_matching", "batched, static", "--family", family,
+                      "--new_tokens", str(new_tokens), "--quantization_bit", str(bits)])
+        for row in result or []:
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    return rows
+
+
+def table(training, prediction):
+    lines = ["| model | method | base | ms/step | x bf16 | real tokens/s | peak GiB | MFU |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    bf16 = {(r["family"], r["method"], r["gradient_checkpointing"]): r["ms_per_step"] for r in training
+            if not r["quantization_bit"]}
+    for r in training:
+        base = bf16.get((r["family"], r["method"], r["gradient_checkpointing"]))
+        ratio = f"{r['ms_per_step'] / base:.2f}" if base else ""
+        method = r["method"] + (" + grad. checkpointing" if r["gradient_checkpointing"] else "")
+        lines.append(f"| {r['family']} | {method} | {NAMES[r['quantization_bit']]} | {r['ms_per_step']} | {ratio} | "
+                     f"{r['real_tokens_per_s']} | {r['peak_gib']} | {100 * r['mfu']:.1f}% |")
+    if prediction:
+        lines += ["", "| model | base | 50 rows x new tokens | seconds | ms per decode step | peak GiB |",
+                  "| --- | --- | --- | --- | --- | --- |"]
+        for r in prediction:
+            lines.append(f"| {r['family']} | {NAMES[r['quantization_bit']]} | 50 x {r['new_tokens']} | "
+                         f"{r['seconds_for_50']} | {r['ms_per_token_step']} | {r['peak_gib']} |")
+    return "\n".join(lines)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", default="lora,pt2", help="training methods (comma-separated)")
+    parser.add_argument("--bits", default="0,8,4", help="bases: 0 (bf16), 8, 4")
+    parser.add_argument("--family", choices=["chatglm", "chatglm2"], default="chatglm")
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--warmup", type=int, default=8)
+    parser.add_argument("--new_tokens", type=int, default=315)
+    parser.add_argument("--gc", action="store_true", help="gradient checkpointing (no CUDA graphs): least memory")
+    parser.add_argument("--skip_predict", action="store_true")
+    parser.add_argument("--skip_training", action="store_true")
+    parser.add_argument("--out", default=None, help="folder for bench_quantized.json / .md")
+    args = parser.parse_args()
+    bits_list = [int(b) for b in args.bits.split(",")]
+    training = [] if args.skip_training else training_rows(args.only.split(","), bits_list, args.family, args.steps,
+                                                            args.warmup, args.gc)
+    prediction = [] if args.skip_predict else prediction_rows(bits_list, args.family, args.new_tokens)
+    text = table(training, prediction)
+    gpu = (training or prediction or [{"gpu": "?"}])[0]["gpu"]
+    text = f"Measured {time.strftime('%Y-%m-%d')} on {gpu} with `bench/bench_quantized.py`.\n\n{text}\n"
+    print(text)
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+        name = f"bench_quantized_{args.family}{'_gc' if args.gc else ''}"
+        with open(os.path.join(args.out, f"{name}.json"), "w") as f:
+            json.dump({"training": training, "prediction": prediction}, f, indent=1)
+        with open(os.path.join(args.out, f"{name}.md"), "w") as f:
+            f.write(text)
+
+
+if __name__ == "__main__":
+    main()

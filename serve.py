@@ -1,0 +1,337 @@
+"""An OpenAI-compatible HTTP server for a base model or a fine-tuned checkpoint.
+
+    python serve.py --model_dir output_dir_lora --port 8000
+    curl localhost:8000/v1/chat/completions -H 'Content-Type: application/json' \\
+        -d '{"model": "output_dir_lora", "messages": [{"role": "user", "content": "发动机异响"}], "temperature": 0}'
+
+Endpoints: POST /v1/chat/completions (with "stream": true as server-sent events, as OpenAI's), GET /v1/models,
+GET /health. The prompt format is chat.py's default for the folder: a checkpoint gets the layout it was trained on
+(the last user message is the row's text), a base folder its family's official chat template (system, user and
+assistant messages as history). `"temperature": 0` means greedy; otherwise top_p / temperature / max_tokens as sent
+(the family's official defaults when absent).
+
+Concurrent requests are generated together. The engine keeps cohorts: the requests that arrived while the previous
+step ran start together as one batch (one prompt forward, then one decode step per token for the whole batch),
+and the engine steps every live cohort in turn, so a request never waits for another to finish; a finished or
+disconnected request leaves its cohort at once. Bad requests get OpenAI's error JSON with a 4xx status.
+"""
+import argparse
+import asyncio
+import json
+import os
+import queue
+import threading
+import time
+import uuid
+
+import torch
+
+import chat
+
+
+# ---- sampling ---------------------------------------------------------------------------------------------------
+
+def next_tokens(logits, requests, vocab_size):
+    """The next token of each row: greedy where temperature is 0, else top-k / top-p sampling at its temperature."""
+    logits = logits[:, :vocab_size].float()
+    tokens = logits.argmax(-1)
+    for row, request in enumerate(requests):
+        if request.temperature == 0:
+            continue
+        scores = logits[row] / request.temperature
+        if request.top_k:
+            kth = torch.topk(scores, min(request.top_k, scores.numel())).values[-1]
+            scores = scores.masked_fill(scores < kth, float("-inf"))
+        probabilities = torch.softmax(scores, -1)
+        ordered, order = probabilities.sort(descending=True)
+        outside = ordered.cumsum(-1) - ordered > request.top_p  # keep the smallest set reaching top_p
+        probabilities[order[outside]] = 0
+        tokens[row] = torch.multinomial(probabilities / probabilities.sum(), 1)[0]
+    return tokens
+
+
+# ---- the engine -------------------------------------------------------------------------------------------------
+
+class Request:
+    def __init__(self, prompt_ids, max_tokens, temperature, top_p, top_k, stop_ids, emit):
+        self.prompt_ids, self.max_tokens = prompt_ids, max_tokens
+        self.temperature, self.top_p, self.top_k = temperature, top_p, top_k
+        self.stop_ids, self.emit = stop_ids, emit  # emit(token id or None at the end, finish reason)
+        self.generated, self.cancelled = [], False
+
+
+class Cohort:
+    """Requests that start together: one left-padded prompt forward, then one step per token for all of them."""
+
+    def __init__(self, model, requests, pad_id, vocab_size):
+        from prediction import left_pad
+        from transformers import DynamicCache
+        self.model, self.requests, self.vocab_size = model, requests, vocab_size
+        device = next(model.parameters()).device
+        ids, mask = left_pad([r.prompt_ids for r in requests], pad_id)
+        self.ids, self.mask = ids.to(device), mask.to(device)
+        self.cache = DynamicCache()
+        self.live = [True] * len(requests)
+        self.started = False
+
+    def step(self):
+        """One forward for the whole cohort; each live request gets its next token. Returns False when all ended."""
+        inputs = self.model.prepare_inputs_for_generation(self.ids, past_key_values=self.cache,
+                                                          attention_mask=self.mask, use_cache=True)
+        logits = self.model(**inputs).logits[:, -1]
+        tokens = next_tokens(logits, self.requests, self.vocab_size)
+        self.ids = torch.cat([self.ids, tokens[:, None]], dim=1)
+        self.mask = torch.cat([self.mask, self.mask.new_ones(len(self.requests), 1)], dim=1)
+        for row, (request, token) in enumerate(zip(self.requests, tokens.tolist())):
+            if not self.live[row]:
+                continue
+            if request.cancelled:
+                self.live[row] = False
+            elif token in request.stop_ids:
+                self.live[row] = False
+                request.emit(None, "stop")
+            else:
+                request.generated.append(token)
+                request.emit(token, None)
+                if len(request.generated) >= request.max_tokens:
+                    self.live[row] = False
+                    request.emit(None, "length")
+        return any(self.live)
+
+
+class Engine:
+    """A thread that starts a cohort from the requests waiting at each step and steps the live cohorts in turn."""
+
+    def __init__(self, model, tokenizer, max_batch=64):
+        from prediction import ids_without_token
+        self.model, self.tokenizer, self.max_batch = model, tokenizer, max_batch
+        self.vocab_size = tokenizer.vocab_size if ids_without_token(model, tokenizer) else None
+        self.waiting, self.cohorts = queue.Queue(), []
+        threading.Thread(target=self.run, daemon=True, name="engine").start()
+
+    def active(self):
+        """Requests being generated now (a statistic: read without the engine's lock)."""
+        return sum(sum(c.live) for c in list(self.cohorts)) + self.waiting.qsize()
+
+    def submit(self, request):
+        self.waiting.put(request)
+
+    def take_waiting(self, block):
+        taken = []
+        try:
+            taken.append(self.waiting.get(block=block))
+            while len(taken) < self.max_batch:
+                taken.append(self.waiting.get_nowait())
+        except queue.Empty:
+            pass
+        return [r for r in taken if not r.cancelled]
+
+    @torch.no_grad()
+    def run(self):
+        while True:
+            arrived = self.take_waiting(block=not self.cohorts)
+            if arrived:
+                self.cohorts.append(Cohort(self.model, arrived, self.tokenizer.pad_token_id, self.vocab_size))
+            for cohort in list(self.cohorts):
+                try:
+                    alive = cohort.step()
+                except Exception as err:  # a failed step ends its requests with the reason, the server goes on
+                    for request in cohort.requests:
+                        request.emit(None, f"error: {err}")
+                    alive = False
+                if not alive:
+                    self.cohorts.remove(cohort)
+
+
+# ---- the HTTP API -----------------------------------------------------------------------------------------------
+
+def error(status, message, kind="invalid_request_error", param=None, code=None):
+    from fastapi.responses import JSONResponse
+    return JSONResponse(status_code=status, content={"error": {"message": message, "type": kind, "param": param,
+                                                               "code": code}})
+
+
+class BadRequest(ValueError):
+    def __init__(self, message, param=None, code=None, status=400):
+        super().__init__(message)
+        self.param, self.code, self.status = param, code, status
+
+
+def parse_request(body, server):
+    """(prompt ids, settings) of a chat completion request, or BadRequest saying what is wrong."""
+    if not isinstance(body, dict):
+        raise BadRequest("the body must be a JSON object")
+    if body.get("model") not in (None, server.model_name):
+        raise BadRequest(f"The model '{body.get('model')}' does not exist; this server has '{server.model_name}'",
+                         "model", "model_not_found", 404)
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise BadRequest("'messages' must be a non-empty list", "messages")
+    for message in messages:
+        if not isinstance(message, dict) or message.get("role") not in ("system", "user", "assistant") or \
+                not isinstance(message.get("content"), str):
+            raise BadRequest("each message needs a role (system, user or assistant) and a string content", "messages")
+    if messages[-1]["role"] != "user":
+        raise BadRequest("the last message must be the user's", "messages")
+    if body.get("n", 1) != 1:
+        raise BadRequest("only n=1 is supported", "n")
+    system = next((m["content"] for m in messages if m["role"] == "system"), None)
+    talk = [m for m in messages if m["role"] != "system"]
+    history = [(q["content"], a["content"]) for q, a in zip(talk[:-1:2], talk[1:-1:2])
+               if q["role"] == "user" and a["role"] == "assistant"]
+    conversation = server.conversation
+    conversation.history = history
+    if conversation.args.format == "chat":
+        prompt_ids = chat.chat_prompt_ids(conversation.tokenizer, conversation.family, history, talk[-1]["content"],
+                                          system if conversation.family.name == "chatglm3" else None)
+    else:
+        prompt_ids = conversation.prompt_ids(talk[-1]["content"])
+    max_tokens = body.get("max_tokens") or body.get("max_completion_tokens") or server.max_new_tokens
+    if len(prompt_ids) + max_tokens > server.context_length:
+        raise BadRequest(f"the prompt ({len(prompt_ids)} tokens) and max_tokens ({max_tokens}) exceed the context "
+                         f"length {server.context_length}", "messages", "context_length_exceeded")
+    top_p, temperature = chat.SAMPLING_DEFAULTS[conversation.family.name]
+    temperature = body.get("temperature", temperature)
+    if not isinstance(temperature, (int, float)) or temperature < 0:
+        raise BadRequest("temperature must be a number >= 0", "temperature")
+    return prompt_ids, dict(max_tokens=int(max_tokens), temperature=float(temperature),
+                            top_p=float(body.get("top_p", top_p)), top_k=int(body.get("top_k", 0) or 0))
+
+
+class Server:
+    def __init__(self, model, tokenizer, family, args, saved, model_name):
+        self.model_name, self.max_new_tokens = model_name, args.max_new_tokens
+        self.conversation = chat.Conversation(tokenizer, family, args, saved)
+        self.context_length = getattr(model.config, "seq_length", None) or \
+            getattr(model.config, "max_sequence_length", 2048)
+        self.stop_ids = family.stop_token_ids(tokenizer)
+        self.engine = Engine(model, tokenizer, args.max_batch)
+        self.tokenizer, self.family = tokenizer, family
+        self.prompt_lock = threading.Lock()
+
+    def text_of(self, ids):
+        return self.family.answer_text(self.tokenizer.decode(ids, skip_special_tokens=True))
+
+
+def create_app(server):
+    from fastapi import FastAPI, Request as HTTPRequest
+    from fastapi.responses import StreamingResponse
+    app = FastAPI(title="chatglm-finetuning")
+
+    @app.get("/health")
+    def health():
+        return {"status": "ok", "model": server.model_name, "active_requests": server.engine.active()}
+
+    @app.get("/v1/models")
+    def models():
+        return {"object": "list", "data": [{"id": server.model_name, "object": "model", "created": 0,
+                                            "owned_by": "chatglm-finetuning"}]}
+
+    @app.post("/v1/chat/completions")
+    async def completions(http_request: HTTPRequest):
+        try:
+            body = json.loads(await http_request.body())
+        except ValueError as err:
+            return error(400, f"the body is not valid JSON: {err}")
+        try:
+            with server.prompt_lock:  # the conversation object is shared: one prompt at a time
+                prompt_ids, settings = parse_request(body, server)
+        except BadRequest as err:
+            return error(err.status, str(err), param=err.param, code=err.code)
+        loop = asyncio.get_running_loop()
+        events = asyncio.Queue()
+        request = chat_request(server, prompt_ids, settings, loop, events)
+        server.engine.submit(request)
+        completion_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        if body.get("stream"):
+            return StreamingResponse(stream_events(server, request, events, completion_id, created),
+                                     media_type="text/event-stream")
+        try:
+            reason = await collect(events)
+        except asyncio.CancelledError:
+            request.cancelled = True
+            raise
+        if reason.startswith("error"):
+            return error(500, reason, kind="server_error")
+        text = server.text_of(request.generated)
+        return {"id": completion_id, "object": "chat.completion", "created": created, "model": server.model_name,
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": reason}],
+                "usage": {"prompt_tokens": len(prompt_ids), "completion_tokens": len(request.generated),
+                          "total_tokens": len(prompt_ids) + len(request.generated)}}
+    return app
+
+
+def chat_request(server, prompt_ids, settings, loop, events):
+    def emit(token, reason):
+        loop.call_soon_threadsafe(events.put_nowait, (token, reason))
+    return Request(prompt_ids, settings["max_tokens"], settings["temperature"], settings["top_p"], settings["top_k"],
+                   server.stop_ids, emit)
+
+
+async def collect(events):
+    while True:
+        token, reason = await events.get()
+        if token is None:
+            return reason
+
+
+async def stream_events(server, request, events, completion_id, created):
+    """OpenAI's chunks as server-sent events: the role, the text as it grows, the finish reason, [DONE]. A client
+    that hangs up cancels this generator: its request leaves the engine at the next step."""
+    def chunk(delta, reason=None):
+        return "data: " + json.dumps({"id": completion_id, "object": "chat.completion.chunk", "created": created,
+                                      "model": server.model_name, "choices": [{"index": 0, "delta": delta,
+                                                                               "finish_reason": reason}]},
+                                     ensure_ascii=False) + "\n\n"
+    shown = ""
+    try:
+        yield chunk({"role": "assistant", "content": ""})
+        while True:
+            token, reason = await events.get()
+            if token is None:
+                break
+            text = server.text_of(request.generated)
+            if text.startswith(shown) and len(text) > len(shown):
+                yield chunk({"content": text[len(shown):]})
+                shown = text
+        text = server.text_of(request.generated)
+        if text != shown and text.startswith(shown):
+            yield chunk({"content": text[len(shown):]})
+        yield chunk({}, "stop" if reason.startswith("error") else reason)
+        yield "data: [DONE]\n\n"
+    finally:
+        request.cancelled = True  # finished, or the client is gone
+
+
+def build_parser():
+    parser = chat.build_parser()
+    parser.description = __doc__
+    for action in list(parser._actions):
+        if action.dest in ("input", "output", "greedy", "seed"):
+            parser._remove_action(action)
+            for option in action.option_strings:
+                parser._option_string_actions.pop(option, None)
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--model_name", default=None, help="the id clients send (default: the folder's name)")
+    parser.add_argument("--max_batch", type=int, default=64, help="most requests that start together")
+    return parser
+
+
+def main(argv=None):
+    import uvicorn
+    args = build_parser().parse_args(argv)
+    args.input = args.output = None
+    args.greedy, args.seed = False, None
+    model, tokenizer, family, saved = chat.load_for_chat(args)
+    if args.format is None:
+        args.format = "task" if saved else "chat"
+    server = Server(model, tokenizer, family, args, saved,
+                    args.model_name or os.path.basename(os.path.normpath(args.model_dir)))
+    print(f"serving {server.model_name} ({family.name}, {args.format} format) on http://{args.host}:{args.port}",
+          flush=True)
+    uvicorn.run(create_app(server), host=args.host, port=args.port, log_level="warning")
+
+
+if __name__ == "__main__":
+    main()
