@@ -13,7 +13,8 @@ assistant messages as history). `"temperature": 0` means greedy; otherwise top_p
 Concurrent requests are generated together. The engine keeps cohorts: the requests that arrived while the previous
 step ran start together as one batch (one prompt forward, then one decode step per token for the whole batch),
 and the engine steps every live cohort in turn, so a request never waits for another to finish; a finished or
-disconnected request leaves its cohort at once. Bad requests get OpenAI's error JSON with a 4xx status.
+disconnected request leaves its cohort at once (its row is computed until the cohort ends). An all-greedy cohort
+runs on prediction's static decoder (each step one CUDA graph replay on a GPU); a sampling one on transformers' cache. Bad requests get OpenAI's error JSON with a 4xx status.
 """
 import argparse
 import asyncio
@@ -61,7 +62,8 @@ class Request:
 
 
 class Cohort:
-    """Requests that start together: one left-padded prompt forward, then one step per token for all of them."""
+    """Requests that start together: one left-padded prompt forward, then one step per token for all of them
+    (transformers' cache and the model's generate() inputs: any sampling settings per row)."""
 
     def __init__(self, model, requests, pad_id, vocab_size):
         from prediction import left_pad
@@ -72,7 +74,6 @@ class Cohort:
         self.ids, self.mask = ids.to(device), mask.to(device)
         self.cache = DynamicCache()
         self.live = [True] * len(requests)
-        self.started = False
 
     def step(self):
         """One forward for the whole cohort; each live request gets its next token. Returns False when all ended."""
@@ -82,7 +83,10 @@ class Cohort:
         tokens = next_tokens(logits, self.requests, self.vocab_size)
         self.ids = torch.cat([self.ids, tokens[:, None]], dim=1)
         self.mask = torch.cat([self.mask, self.mask.new_ones(len(self.requests), 1)], dim=1)
-        for row, (request, token) in enumerate(zip(self.requests, tokens.tolist())):
+        return self.deliver(tokens.tolist())
+
+    def deliver(self, tokens):
+        for row, (request, token) in enumerate(zip(self.requests, tokens)):
             if not self.live[row]:
                 continue
             if request.cancelled:
@@ -97,6 +101,33 @@ class Cohort:
                     self.live[row] = False
                     request.emit(None, "length")
         return any(self.live)
+
+
+class GreedyCohort(Cohort):
+    """An all-greedy cohort on prediction's static decoder (decoding.py): a preallocated cache that each row reads
+    without padding, and on a GPU every step one CUDA graph replay."""
+
+    def __init__(self, model, requests, pad_id, vocab_size):
+        from decoding import CapturedSteps, StaticDecoder
+        super().__init__(model, requests, pad_id, vocab_size)
+        self.steps = max(r.max_tokens for r in requests) + 1  # + the stop token
+        self.decoder = StaticDecoder(model, self.ids, self.mask, self.steps, vocab_size)
+        self.graphs = CapturedSteps(self.decoder.step) if self.ids.is_cuda else None
+        self.done = 0
+
+    def step(self):
+        from data_set import round_up
+        cache = self.decoder.cache
+        if self.done == 0:
+            self.decoder.prefill()
+        else:
+            if not cache.flash:  # attention reads the slots the longest row has written, rounded up
+                longest = cache.leading + int(self.decoder.prompt_lengths.max())
+                cache.visible = min(round_up(longest + self.done, 64), cache.capacity)
+            self.graphs.run(cache.visible) if self.graphs else self.decoder.step()
+        self.done += 1
+        alive = self.deliver(self.decoder.tokens[:, 0].tolist())
+        return alive and self.done < self.steps
 
 
 class Engine:
@@ -116,10 +147,14 @@ class Engine:
     def submit(self, request):
         self.waiting.put(request)
 
-    def take_waiting(self, block):
+    def take_waiting(self, block, gather_s=0.005):
+        """The requests waiting now; when the engine was idle, those arriving within `gather_s` of the first join
+        it (clients that start together then share one cohort)."""
         taken = []
         try:
             taken.append(self.waiting.get(block=block))
+            if block:
+                time.sleep(gather_s)
             while len(taken) < self.max_batch:
                 taken.append(self.waiting.get_nowait())
         except queue.Empty:
@@ -131,7 +166,8 @@ class Engine:
         while True:
             arrived = self.take_waiting(block=not self.cohorts)
             if arrived:
-                self.cohorts.append(Cohort(self.model, arrived, self.tokenizer.pad_token_id, self.vocab_size))
+                kind = GreedyCohort if all(r.temperature == 0 for r in arrived) else Cohort
+                self.cohorts.append(kind(self.model, arrived, self.tokenizer.pad_token_id, self.vocab_size))
             for cohort in list(self.cohorts):
                 try:
                     alive = cohort.step()
@@ -288,6 +324,8 @@ async def stream_events(server, request, events, completion_id, created):
         yield chunk({"role": "assistant", "content": ""})
         while True:
             token, reason = await events.get()
+            while token is not None and not events.empty():  # decode once for all the tokens that are ready
+                token, reason = events.get_nowait()
             if token is None:
                 break
             text = server.text_of(request.generated)
