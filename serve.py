@@ -133,40 +133,49 @@ class GreedyCohort(Cohort):
 class Engine:
     """A thread that starts a cohort from the requests waiting at each step and steps the live cohorts in turn."""
 
-    def __init__(self, model, tokenizer, max_batch=64):
+    def __init__(self, model, tokenizer, max_batch=64, gather_idle_s=0.005, gather_busy_s=0.025):
         from prediction import ids_without_token
         self.model, self.tokenizer, self.max_batch = model, tokenizer, max_batch
+        self.gather_idle_s, self.gather_busy_s = gather_idle_s, gather_busy_s
         self.vocab_size = tokenizer.vocab_size if ids_without_token(model, tokenizer) else None
-        self.waiting, self.cohorts = queue.Queue(), []
+        self.waiting, self.cohorts, self.pending = queue.Queue(), [], []
+        self.cohorts_started = 0  # a statistic (bench/bench_serve.py reports it)
         threading.Thread(target=self.run, daemon=True, name="engine").start()
 
     def active(self):
         """Requests being generated now (a statistic: read without the engine's lock)."""
-        return sum(sum(c.live) for c in list(self.cohorts)) + self.waiting.qsize()
+        return sum(sum(c.live) for c in list(self.cohorts)) + self.waiting.qsize() + len(self.pending)
 
     def submit(self, request):
         self.waiting.put(request)
 
-    def take_waiting(self, block, gather_s=0.005):
-        """The requests waiting now; when the engine was idle, those arriving within `gather_s` of the first join
-        it (clients that start together then share one cohort)."""
-        taken = []
+    def take_waiting(self):
+        """The requests that start a cohort now, or []. A request waits a little for others to join it: 5 ms when the
+        engine is idle, 25 ms while cohorts are running (each extra cohort is one more forward per round, so clients
+        that arrive a few milliseconds apart had better share one)."""
         try:
-            taken.append(self.waiting.get(block=block))
-            if block:
-                time.sleep(gather_s)
-            while len(taken) < self.max_batch:
-                taken.append(self.waiting.get_nowait())
+            while True:
+                self.pending.append((time.perf_counter(), self.waiting.get(block=not self.cohorts and not self.pending)))
         except queue.Empty:
             pass
-        return [r for r in taken if not r.cancelled]
+        self.pending = [(t, r) for t, r in self.pending if not r.cancelled]
+        if not self.pending:
+            return []
+        waited = time.perf_counter() - self.pending[0][0]
+        if waited < (self.gather_busy_s if self.cohorts else self.gather_idle_s) and len(self.pending) < self.max_batch:
+            if not self.cohorts:
+                time.sleep(0.001)
+            return []
+        taken, self.pending = self.pending[:self.max_batch], self.pending[self.max_batch:]
+        return [r for _, r in taken]
 
     @torch.no_grad()
     def run(self):
         while True:
-            arrived = self.take_waiting(block=not self.cohorts)
+            arrived = self.take_waiting()
             if arrived:
                 kind = GreedyCohort if all(r.temperature == 0 for r in arrived) else Cohort
+                self.cohorts_started += 1
                 self.cohorts.append(kind(self.model, arrived, self.tokenizer.pad_token_id, self.vocab_size))
             for cohort in list(self.cohorts):
                 try:

@@ -64,6 +64,7 @@ def main():
     parser.add_argument("--new_tokens", type=int, default=315)
     parser.add_argument("--tiny", action="store_true", help="a 6-layer model: checks the script, measures nothing")
     parser.add_argument("--port", type=int, default=8931)
+    parser.add_argument("--gather_busy_s", type=float, default=None, help="serve.Engine's window while it is busy")
     parser.add_argument("--client_mode", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.client_mode:
@@ -93,13 +94,19 @@ def main():
     server = serve.Server(model, tokenizer, CHATGLM2, options, {"prompt_text": DEFAULT_PROMPT, "max_src_len": 450},
                           "bench")
     server.stop_ids = []  # every answer exactly --new_tokens long
+    if args.gather_busy_s is not None:
+        server.engine.gather_busy_s = args.gather_busy_s
     threading.Thread(target=uvicorn.run, args=(serve.create_app(server),),
                      kwargs=dict(host="127.0.0.1", port=args.port, log_level="warning"), daemon=True).start()
     base = f"http://127.0.0.1:{args.port}"
     time.sleep(3)
     texts = [r.text for r in rows]
     run_clients(base, texts, 2, 8)  # warm-up: first kernels, first graph
-    report = [run_clients(base, texts, int(n), args.new_tokens) for n in args.clients.split(",")]
+    report = []
+    for n in args.clients.split(","):
+        before = server.engine.cohorts_started
+        report.append(run_clients(base, texts, int(n), args.new_tokens))
+        report[-1]["cohorts"] = server.engine.cohorts_started - before
     prompts = [encode_prompt(tokenizer, CHATGLM2, r, 450) for r in rows][:50]
     ids, mask = left_pad(prompts, tokenizer.pad_token_id)
     device = next(model.parameters()).device
@@ -114,12 +121,12 @@ def main():
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
     print(f"serve.py, ChatGLM2/3-6B-sized random model on {gpu}, {args.new_tokens} new tokens per request "
           f"({len(prompts)} spo test prompts, task format); predict's batched rate: {batched:.0f} tokens/s")
-    print("| concurrent clients | seconds | tokens/s | share of predict's batched rate | first token (median) |")
-    print("| --- | --- | --- | --- | --- |")
+    print("| concurrent clients | seconds | tokens/s | share of predict's batched rate | first token (median) | batches |")
+    print("| --- | --- | --- | --- | --- | --- |")
     for r in report:
         r["share_of_batched"] = round(r["tokens_per_s"] / batched, 3)
         print(f"| {r['clients']} | {r['seconds']} | {r['tokens_per_s']} | {100 * r['share_of_batched']:.0f}% | "
-              f"{r['first_token_s_median']} s |")
+              f"{r['first_token_s_median']} s | {r['cohorts']} |")
     print(json.dumps({"gpu": gpu, "predict_batched_tokens_per_s": round(batched, 1), "serve": report}))
 
 
