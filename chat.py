@@ -135,16 +135,20 @@ def load_for_chat(args):
     dtype = pick_dtype(args.dtype, device)
     if args.quantization_bit is None:
         args.quantization_bit = saved.get("quantization_bit")
+    if args.quantization is None:
+        args.quantization = saved.get("quantization")
     try:
         if not saved:  # a base model folder
             family = family_for(folder, args.mode)
-            model = load_model(folder, family, dtype=dtype, quantization_bit=args.quantization_bit or 0)
+            model = load_model(folder, family, dtype=dtype, quantization_bit=args.quantization_bit or 0,
+                               bnb_quantization=args.quantization)
             base = folder
         else:
             base = args.ori_model_dir or saved.get("model_dir")
             family = family_for(base, args.mode or saved.get("mode"))
             model = checkpoint_loader(saved["method"]).load(base, folder, argparse.Namespace(
-                no_merge=False, quantization_bit=args.quantization_bit, pre_seq_len=None, prefix_projection=None),
+                no_merge=False, quantization_bit=args.quantization_bit, quantization=args.quantization,
+                pre_seq_len=None, prefix_projection=None),
                 family, dtype)
         tokenizer = load_tokenizer(base, family)
     except ModelFolderError as err:
@@ -251,6 +255,8 @@ def build_parser():
     parser.add_argument("--dtype", choices=sorted(DTYPES), default=None)
     parser.add_argument("--quantization_bit", type=int, choices=[8, 4], default=None,
                         help="INT8/INT4 base (default: as the checkpoint was trained)")
+    parser.add_argument("--quantization", choices=["nf4", "int8"], default=None,
+                        help="bitsandbytes NF4 / LLM.int8() base (default: as the checkpoint was trained)")
     parser.add_argument("--mode", default=None, help="model family, if not the one read from the folder")
     parser.add_argument("--format", choices=["chat", "task"], default=None,
                         help="chat: the official chat template; task: the trained layout (default: task for a "

@@ -250,13 +250,13 @@ def folder_quantization_bit(model_dir):
 
 
 def load_model(model_dir, family=None, dtype=torch.float32, quantization_bit=0, keep_float=(), device=None,
-               **config_overrides):
+               bnb_quantization=None, **config_overrides):
     """The model with its weights; `config_overrides` (e.g. pre_seq_len) add modules the checkpoint lacks.
 
     `quantization_bit` 8 or 4 quantizes the blocks' linears as THUDM's `model.half().quantize(bits)` does (on
     `device` when given: faster on a GPU), except the modules whose names contain a string of `keep_float`; a
-    pre-quantized folder loads as it is."""
-    from quantization import check_bits, quantize_model
+    pre-quantized folder loads as it is. `bnb_quantization` "nf4" or "int8" uses bitsandbytes' layers instead."""
+    from quantization import bnb_quantize_model, check_bits, quantize_model
     family = family or family_for(model_dir)
     check_weight_files(model_dir)
     prequantized = folder_quantization_bit(model_dir)
@@ -268,6 +268,9 @@ def load_model(model_dir, family=None, dtype=torch.float32, quantization_bit=0, 
         if prequantized and prequantized != quantization_bit:
             raise ModelFolderError(f"{model_dir}: already quantized to {prequantized} bits (its config.json); "
                                    f"--quantization_bit {quantization_bit} needs the float folder")
+    if bnb_quantization and (quantization_bit or prequantized):
+        raise ModelFolderError(f"{model_dir}: --quantization {bnb_quantization} quantizes a float folder; it does not "
+                               "combine with --quantization_bit or a pre-quantized folder")
     if prequantized and keep_float:
         raise ModelFolderError(f"{model_dir}: pre-quantized to {prequantized} bits, so the layers to train are not "
                                "in full precision: start from the float folder with --quantization_bit")
@@ -278,6 +281,11 @@ def load_model(model_dir, family=None, dtype=torch.float32, quantization_bit=0, 
     if quantize_here:
         quantize_model(model, quantization_bit, keep=keep_float, device=device)
         model.to(dtype)
+    if bnb_quantization:
+        try:
+            bnb_quantize_model(model, bnb_quantization, dtype, keep=keep_float, device=device)
+        except ValueError as err:
+            raise ModelFolderError(str(err)) from None
     return model
 
 

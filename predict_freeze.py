@@ -13,7 +13,7 @@ class FreezePredict(PredictMethod):
         from model_family import load_model
         # on a quantized base (--quantization_bit, as in training) the trained layers stay in full precision
         model = load_model(base_dir, family, dtype=dtype, quantization_bit=args.quantization_bit or 0,
-                           keep_float=trained_modules(checkpoint_dir))
+                           keep_float=trained_modules(checkpoint_dir), bnb_quantization=getattr(args, "quantization", None))
         load_partial_state(model, checkpoint_dir)
         return model
 

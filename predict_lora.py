@@ -24,9 +24,10 @@ class LoRAPredict(PredictMethod):
         if not os.path.isfile(os.path.join(checkpoint_dir, "adapter_config.json")):
             raise SystemExit(f"error: {checkpoint_dir}: no adapter_config.json; not a LoRA checkpoint")
         from model_family import folder_quantization_bit
-        base = load_model(base_dir, family, dtype=dtype, quantization_bit=args.quantization_bit or 0)
+        base = load_model(base_dir, family, dtype=dtype, quantization_bit=args.quantization_bit or 0,
+                          bnb_quantization=getattr(args, "quantization", None))
         model = PeftModel.from_pretrained(base, checkpoint_dir)
-        quantized = args.quantization_bit or folder_quantization_bit(base_dir)
+        quantized = args.quantization_bit or getattr(args, "quantization", None) or folder_quantization_bit(base_dir)
         # adapters cannot be merged into int8 weights: on a quantized base they stay beside them
         return model if args.no_merge or quantized else model.merge_and_unload()
 

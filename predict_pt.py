@@ -43,7 +43,8 @@ class PTuningPredict(PredictMethod):
             if given is not None and given != settings[key]:
                 raise SystemExit(f"error: --{key} {given} does not match the checkpoint {checkpoint_dir}, trained with "
                                  + ", ".join(f"{k} {v}" for k, v in settings.items()))
-        model = load_model(base_dir, family, dtype=dtype, quantization_bit=args.quantization_bit or 0, **settings)
+        model = load_model(base_dir, family, dtype=dtype, quantization_bit=args.quantization_bit or 0,
+                           bnb_quantization=getattr(args, "quantization", None), **settings)
         load_partial_state(model, checkpoint_dir, required_prefix=family.prompt_prefix)
         return model
 

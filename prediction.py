@@ -46,6 +46,8 @@ def build_parser(method):
     parser.add_argument("--quantization_bit", type=int, choices=[8, 4], default=None,
                         help="quantize the base's block linears to INT8/INT4 (THUDM's format) before generating; "
                              "default: as the training run did (a pre-quantized base folder loads as it is)")
+    parser.add_argument("--quantization", choices=["nf4", "int8"], default=None,
+                        help="bitsandbytes NF4 / LLM.int8() base (default: as the training run did)")
     parser.add_argument("--max_len", type=int, default=None, help="default: the training run's (768)")
     parser.add_argument("--max_src_len", type=int, default=None, help="default: the training run's (450)")
     parser.add_argument("--prompt_text", default=None, help="default: the training run's prompt")
@@ -102,7 +104,7 @@ def looks_like_base_model(folder):
 def fill_defaults(args, saved):
     """Unset arguments take the training run's values, then the reference defaults."""
     fallback = {"max_len": 768, "max_src_len": 450, "prompt_text": DEFAULT_PROMPT, "mode": None, "task": "triple",
-                "quantization_bit": None}
+                "quantization_bit": None, "quantization": None}
     for key, value in fallback.items():
         if getattr(args, key) is None:
             setattr(args, key, saved.get(key, value))

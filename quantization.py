@@ -190,3 +190,38 @@ def quantize_model(model, bits, keep=(), empty=False, device=None):
         setattr(parent, attribute, layer)
     model.config.quantization_bit = bits
     return model
+
+
+# ---- bitsandbytes (QLoRA's NF4, LLM.int8()) ---------------------------------------------------------------------
+
+BNB_KINDS = ("nf4", "int8")
+
+
+def bnb_quantize_model(model, kind, compute_dtype, keep=(), device=None):
+    """Replace the blocks' linears by bitsandbytes layers in place: NF4 with double quantization and `compute_dtype`
+    matmuls (QLoRA), or LLM.int8() (8-bit weights, outlier features above 6.0 in fp16). Modules whose names contain a
+    string of `keep` stay as they are. The weights are quantized when each layer moves to `device` (default: where
+    it is)."""
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        raise ValueError(f"--quantization {kind} needs bitsandbytes: pip install bitsandbytes") from None
+    if kind not in BNB_KINDS:
+        raise ValueError(f"--quantization {kind}: one of {', '.join(BNB_KINDS)}")
+    for parent, attribute, _ in quantizable_linears(model, keep):
+        linear = getattr(parent, attribute)
+        target = device or linear.weight.device
+        weight = linear.weight.data.to(torch.float16 if target.type == "cuda" else torch.float32)
+        if kind == "nf4":
+            layer = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=linear.bias is not None,
+                                      compute_dtype=compute_dtype, quant_type="nf4", compress_statistics=True)
+            layer.weight = bnb.nn.Params4bit(weight, requires_grad=False, quant_type="nf4", compress_statistics=True)
+        else:
+            layer = bnb.nn.Linear8bitLt(linear.in_features, linear.out_features, bias=linear.bias is not None,
+                                        has_fp16_weights=False, threshold=6.0)
+            layer.weight = bnb.nn.Int8Params(weight, requires_grad=False, has_fp16_weights=False)
+        if linear.bias is not None:
+            layer.bias = torch.nn.Parameter(linear.bias.data.to(compute_dtype), requires_grad=False)
+        setattr(parent, attribute, layer.to(target))
+    model.config.bnb_quantization = kind
+    return model

@@ -95,6 +95,10 @@ def build_parser(method):
                        help="quantize the frozen base's block linears to INT8 or INT4 at load time (THUDM's format and "
                             "rounding; a folder whose config.json has quantization_bit is loaded as it is): LoRA and "
                             "P-Tuning train over it, Freeze keeps its trained layers in full precision")
+    model.add_argument("--quantization", choices=["nf4", "int8"], default=None,
+                       help="quantize the frozen base's block linears with bitsandbytes instead: nf4 (QLoRA: NF4 with "
+                            "double quantization, matmuls in the training precision) or int8 (LLM.int8()); needs "
+                            "pip install bitsandbytes; checkpoints are the same")
     model.add_argument("--gradient_checkpointing", action="store_true", help="recompute activations: less memory")
     model.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                        help="torch.compile each transformer block (default: on a GPU, off on the CPU)")
@@ -565,13 +569,16 @@ def load_base_model(args, method, family, device):
         except ValueError as err:
             raise ModelFolderError(f"{args.model_dir}: {err}") from None
         method.check_arguments(args, family, config)
-        if args.zero_stage == 3 and (args.quantization_bit or folder_quantization_bit(args.model_dir)):
+        if args.quantization_bit and args.quantization:
+            raise SystemExit("error: --quantization_bit (THUDM's format) and --quantization (bitsandbytes): one of them")
+        if args.zero_stage == 3 and (args.quantization_bit or args.quantization or
+                                     folder_quantization_bit(args.model_dir)):
             raise SystemExit("error: a quantized base cannot be sharded by ZeRO-3 (its int8 weights are not "
                              "trained); use --zero_stage 1 or 2")
         return load_model(args.model_dir, family, dtype=DTYPES[args.precision],
                           quantization_bit=args.quantization_bit or 0,
                           keep_float=method.float_modules(args, family, config), device=device,
-                          **method.config_overrides(args))
+                          bnb_quantization=args.quantization, **method.config_overrides(args))
     except ModelFolderError as err:
         raise SystemExit(f"error: {err}")
 

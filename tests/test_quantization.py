@@ -188,8 +188,9 @@ def test_a_prequantized_folder_missing_a_scale_is_named(prequantized_dirs, tmp_p
 
 # ---- every method on a quantized base, through the launcher ----------------------------------------------------
 
-# each method on a quantized base, and both widths for LoRA (the rules of both are checked bit for bit above)
-QUANTIZED_RUNS = [("lora", 4), ("pt2", 4), ("freeze", 8), ("lora", 8)]
+# each method on a quantized base, both widths (the rules of both are checked bit for bit above), and bitsandbytes'
+# NF4 for LoRA (QLoRA; it runs on the CPU too); four runs, two at a time, to keep CI short
+QUANTIZED_RUNS = [("lora", 4), ("pt2", 4), ("freeze", 8), ("lora", "nf4")]
 PREDICT = {"freeze": "predict_freeze.py", "pt2": "predict_pt.py", "lora": "predict_lora.py"}
 
 
@@ -197,10 +198,14 @@ PREDICT = {"freeze": "predict_freeze.py", "pt2": "predict_pt.py", "lora": "predi
 # the last step): the linear decay ends on small steps
 @pytest.fixture(scope="module")
 def trained_quantized(tiny_model_dir, few_rows, tmp_path_factory):
-    outputs = {run: str(tmp_path_factory.mktemp(f"{run[0]}-int{run[1]}")) for run in QUANTIZED_RUNS}
+    outputs = {run: str(tmp_path_factory.mktemp(f"{run[0]}-{run[1]}")) for run in QUANTIZED_RUNS}
     launch_all([(MODES[mode][0], *memorise_args(tiny_model_dir, few_rows, outputs[mode, bits]), *MODES[mode][1],
-                 "--quantization_bit", bits, "--lr_scheduler", "linear") for mode, bits in QUANTIZED_RUNS])
+                 *quantization_options(bits), "--lr_scheduler", "linear") for mode, bits in QUANTIZED_RUNS])
     return outputs
+
+
+def quantization_options(bits):
+    return ["--quantization", bits] if bits == "nf4" else ["--quantization_bit", bits]
 
 
 @pytest.mark.parametrize("mode, bits", QUANTIZED_RUNS)
@@ -211,8 +216,8 @@ def test_every_method_learns_on_a_quantized_base_and_predicts_on_it(trained_quan
     assert losses[-1] < 0.05, losses
     with open(os.path.join(out, "latest")) as f:
         checkpoint = os.path.join(out, f.read().strip())
-    with open(os.path.join(checkpoint, "training_args.json")) as f:
-        assert json.load(f)["quantization_bit"] == bits  # predict quantizes the same way by default
+    with open(os.path.join(checkpoint, "training_args.json")) as f:  # predict quantizes the same way by default
+        assert json.load(f)["quantization" if bits == "nf4" else "quantization_bit"] == bits
     saved = load_file(os.path.join(checkpoint, "adapter_model.safetensors" if mode == "lora" else "model.safetensors"))
     assert all(v.is_floating_point() for v in saved.values())  # only what trained, in full precision
     if mode == "freeze":
@@ -222,3 +227,20 @@ def test_every_method_learns_on_a_quantized_base_and_predicts_on_it(trained_quan
                     "--device", "cpu", launcher=False)
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["f1"] >= 0.9, result.stdout[-2000:]
+
+
+def test_bitsandbytes_layers_replace_the_block_linears(tiny_model_dir):
+    bnb = pytest.importorskip("bitsandbytes")
+    from model_family import load_model
+    model = load_model(tiny_model_dir, bnb_quantization="nf4", keep_float=("layers.1.",))
+    assert type(model.transformer.layers[0].attention.query_key_value) is bnb.nn.Linear4bit
+    assert type(model.transformer.layers[1].attention.query_key_value) is torch.nn.Linear  # kept for Freeze
+
+
+def test_quantization_without_bitsandbytes_is_one_line(tiny_model_dir, monkeypatch):
+    import sys
+
+    from model_family import ModelFolderError, load_model
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # as if not installed
+    with pytest.raises(ModelFolderError, match="needs bitsandbytes: pip install bitsandbytes"):
+        load_model(tiny_model_dir, bnb_quantization="nf4")
