@@ -222,7 +222,8 @@ def test_predict_takes_the_task_from_training_and_warns_when_triples_are_absent(
     from data_set import Row
     from prediction import fill_defaults, warn_if_task_looks_wrong
     args = argparse.Namespace(max_len=None, max_src_len=None, prompt_text=None, mode=None, task=None,
-                              ori_model_dir=None, max_new_tokens=None, quantization_bit=None)
+                              ori_model_dir=None, max_new_tokens=None, quantization_bit=None,
+                              quantization=None)
     fill_defaults(args, {"task": "classification", "model_dir": "base"})
     assert args.task == "classification"
     rows = [Row("p", "t", ["1"], 1), Row("p", "t", ["0"], 2)]
