@@ -177,10 +177,12 @@ class Conversation:
         self.conversations = family.build_conversation_prompt is not None and trained_on_conversations(saved)
         self.history = []
 
-    def prompt_ids(self, query):
+    def prompt_ids(self, query, history=None, system=None):
+        """`history` and `system` default to this conversation's (serve.py passes each request's own)."""
+        history = self.history if history is None else history
         if self.args.format == "chat":
-            return chat_prompt_ids(self.tokenizer, self.family, self.history, query, self.args.system)
-        return task_prompt_ids(self.tokenizer, self.family, self.history if self.conversations else [], query,
+            return chat_prompt_ids(self.tokenizer, self.family, history, query, system or self.args.system)
+        return task_prompt_ids(self.tokenizer, self.family, history if self.conversations else [], query,
                                self.prompt_text, self.max_src_len, self.conversations)
 
 

@@ -134,10 +134,9 @@ class Engine:
     """A thread that starts a cohort from the requests waiting at each step and steps the live cohorts in turn."""
 
     def __init__(self, model, tokenizer, max_batch=64, gather_idle_s=0.005, gather_busy_s=0.025):
-        from prediction import ids_without_token
         self.model, self.tokenizer, self.max_batch = model, tokenizer, max_batch
         self.gather_idle_s, self.gather_busy_s = gather_idle_s, gather_busy_s
-        self.vocab_size = tokenizer.vocab_size if ids_without_token(model, tokenizer) else None
+        self.vocab_size = tokenizer.vocab_size  # a padded output layer's extra ids are never chosen
         self.waiting, self.cohorts, self.pending = queue.Queue(), [], []
         self.cohorts_started = 0  # a statistic (bench/bench_serve.py reports it)
         threading.Thread(target=self.run, daemon=True, name="engine").start()
@@ -225,12 +224,8 @@ def parse_request(body, server):
     history = [(q["content"], a["content"]) for q, a in zip(talk[:-1:2], talk[1:-1:2])
                if q["role"] == "user" and a["role"] == "assistant"]
     conversation = server.conversation
-    conversation.history = history
-    if conversation.args.format == "chat":
-        prompt_ids = chat.chat_prompt_ids(conversation.tokenizer, conversation.family, history, talk[-1]["content"],
-                                          system if conversation.family.name == "chatglm3" else None)
-    else:
-        prompt_ids = conversation.prompt_ids(talk[-1]["content"])
+    prompt_ids = conversation.prompt_ids(talk[-1]["content"], history,
+                                         system if conversation.family.name == "chatglm3" else None)
     max_tokens = body.get("max_tokens") or body.get("max_completion_tokens") or server.max_new_tokens
     if len(prompt_ids) + max_tokens > server.context_length:
         raise BadRequest(f"the prompt ({len(prompt_ids)} tokens) and max_tokens ({max_tokens}) exceed the context "
@@ -252,7 +247,6 @@ class Server:
         self.stop_ids = family.stop_token_ids(tokenizer)
         self.engine = Engine(model, tokenizer, args.max_batch)
         self.tokenizer, self.family = tokenizer, family
-        self.prompt_lock = threading.Lock()
 
     def text_of(self, ids):
         return self.family.answer_text(self.tokenizer.decode(ids, skip_special_tokens=True))
@@ -279,8 +273,7 @@ def create_app(server):
         except ValueError as err:
             return error(400, f"the body is not valid JSON: {err}")
         try:
-            with server.prompt_lock:  # the conversation object is shared: one prompt at a time
-                prompt_ids, settings = parse_request(body, server)
+            prompt_ids, settings = parse_request(body, server)
         except BadRequest as err:
             return error(err.status, str(err), param=err.param, code=err.code)
         loop = asyncio.get_running_loop()
