@@ -115,15 +115,17 @@ def clear_output_dir(output_dir):
 RESUME_SETTINGS = ("precision", "zero_stage", "offload", "world_size")
 
 
-def check_resume_settings(folder, args, world_size, master_weights):
-    """Before the model loads: refuse a checkpoint whose optimizer state this run cannot read, in one line."""
+def check_resume_settings(folder, args, world_size, own_optimizer):
+    """Before the model loads: refuse a checkpoint whose optimizer state this run cannot read, in one line.
+    `own_optimizer`: the optimizer.py class name this run will use, or None for DeepSpeed's."""
     saved = saved_training_args(folder)
     now = {"precision": args.precision, "zero_stage": args.zero_stage, "offload": args.offload,
            "world_size": world_size}
     differ = [f"{k} {saved[k]} (now {now[k]})" for k in RESUME_SETTINGS if k in saved and saved[k] != now[k]]
     written = saved.get("optimizer")
-    if written and (written == "MasterWeightAdamW") != master_weights:
-        differ.append(f"optimizer {written} (now {'MasterWeightAdamW' if master_weights else 'a DeepSpeed ZeRO one'})")
+    ours = ("MasterWeightAdamW", "DataParallelAdamW")
+    if written and (written if written in ours else None) != own_optimizer:
+        differ.append(f"optimizer {written} (now {own_optimizer or 'a DeepSpeed ZeRO one'})")
     if differ:
         raise SystemExit(f"error: --resume: {folder} was written with {', '.join(differ)}: resume with the same "
                          "precision, --zero_stage, --offload and number of processes")
@@ -165,6 +167,8 @@ def save_checkpoint(engine, method, args, tokenizer, progress, rank, world_size)
     torch.distributed.barrier()
     engine.save_checkpoint(os.path.join(tmp, "ds_state"), tag="state", client_state=dict(progress),
                            exclude_frozen_parameters=True)
+    if hasattr(engine.optimizer, "shard_state_dict"):  # DataParallelAdamW: each process saves its slice's state
+        torch.save(engine.optimizer.shard_state_dict(), os.path.join(tmp, f"optimizer_shard_{rank}.pt"))
     torch.save({"python": random.getstate(), "torch": torch.get_rng_state(),
                 "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None},
                os.path.join(tmp, f"rng_state_{rank}.pt"))
@@ -198,6 +202,9 @@ def resume_from_checkpoint(engine, folder, rank):
     """Load the optimizer, scheduler and random state of `folder`; returns the run position it was saved at."""
     check_same_optimizer(folder, engine)
     _, progress = engine.load_checkpoint(os.path.join(folder, "ds_state"), tag="state", load_module_strict=False)
+    if hasattr(engine.optimizer, "load_shard_state_dict"):
+        engine.optimizer.load_shard_state_dict(
+            torch.load(os.path.join(folder, f"optimizer_shard_{rank}.pt"), weights_only=False))
     rng = torch.load(os.path.join(folder, f"rng_state_{rank}.pt"), weights_only=False)
     random.setstate(rng["python"])
     torch.set_rng_state(rng["torch"])

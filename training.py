@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader
 
 from checkpoints import (OutputFolderLock, check_output_dir, check_resume_settings, clear_output_dir,
                          latest_checkpoint, resume_from_checkpoint, save_checkpoint)
-from optimizer import MasterWeightAdamW
+from optimizer import DataParallelAdamW, MasterWeightAdamW
 
 DEFAULT_PROMPT = ('你现在是一个信息抽取模型，请你帮我抽取出关系内容为"性能故障", "部件故障", "组成"和 "检测工具"的相关三元组，'
                   '三元组内部用"_"连接，三元组之间用\\n分割。文本：')
@@ -168,11 +168,18 @@ def resolve_cuda_graphs(args, device):
     return not blocked if args.cuda_graphs is None else args.cuda_graphs
 
 
-def uses_master_weight_adamw(args, world_size):
-    """One process in bf16 at ZeRO-0/1 (which partitions nothing there), no offload and no config file of the user's:
-    optimizer.MasterWeightAdamW does DeepSpeed's mixed-precision step in fewer passes."""
-    return (world_size == 1 and args.precision == "bf16" and args.zero_stage <= 1 and not args.offload
-            and not args.ds_config)
+def own_optimizer(args, world_size):
+    """The optimizer.py AdamW that replaces DeepSpeed's mixed-precision optimizer at ZeRO-0/1, or None (DeepSpeed's).
+
+    One process in bf16: MasterWeightAdamW (ZeRO-1 partitions nothing there; it takes DeepSpeed's step in fewer
+    passes). Several processes in bf16 or fp32: DataParallelAdamW (ZeRO-1's partitioning of the optimizer state,
+    the gradients of a param group averaged in one reduce-scatter). DeepSpeed's own for ZeRO-2/3, fp16 (loss
+    scaling), --offload and a --ds_config of the user's."""
+    if args.zero_stage > 1 or args.offload or args.ds_config:
+        return None
+    if world_size == 1:
+        return "MasterWeightAdamW" if args.precision == "bf16" else None
+    return "DataParallelAdamW" if args.precision in ("bf16", "fp32") else None
 
 
 def resolve_pack_rows(args, device):
@@ -183,11 +190,11 @@ def resolve_pack_rows(args, device):
 
 
 def deepspeed_config(args, world_size):
-    if uses_master_weight_adamw(args, world_size):
-        # DeepSpeed without mixed precision of its own: the optimizer keeps the fp32 masters and clips
+    if own_optimizer(args, world_size):
+        # DeepSpeed without mixed precision of its own: the optimizer keeps the fp32 masters, reduces and clips
         return {"train_micro_batch_size_per_gpu": args.train_batch_size,
                 "gradient_accumulation_steps": args.gradient_accumulation_steps,
-                "train_batch_size": args.train_batch_size * args.gradient_accumulation_steps,
+                "train_batch_size": args.train_batch_size * args.gradient_accumulation_steps * world_size,
                 "gradient_clipping": 0.0, "zero_optimization": {"stage": 0},
                 "steps_per_print": 10 ** 9, "wall_clock_breakdown": False}
     config = {
@@ -266,7 +273,8 @@ def count_parameters(model):
     return trainable, total
 
 
-def make_optimizer(model, args, device, master_weights=False):
+def make_optimizer(model, args, device, kind=None):
+    """torch's AdamW, or `kind` ("MasterWeightAdamW", "DataParallelAdamW": own_optimizer's choice) from optimizer.py."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if p.requires_grad:
@@ -274,8 +282,9 @@ def make_optimizer(model, args, device, master_weights=False):
     groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     groups = [g for g in groups if g["params"]]
     adamw = dict(lr=args.learning_rate, betas=(0.9, 0.95), eps=1e-8, fused=device.type == "cuda")
-    if master_weights:
-        return MasterWeightAdamW(groups, max_grad_norm=args.max_grad_norm, **adamw)
+    if kind:
+        optimizer_class = {"MasterWeightAdamW": MasterWeightAdamW, "DataParallelAdamW": DataParallelAdamW}[kind]
+        return optimizer_class(groups, max_grad_norm=args.max_grad_norm, **adamw)
     return torch.optim.AdamW(groups, **adamw)
 
 
@@ -322,18 +331,19 @@ def build_engine(model, args, world_size, device, total_steps):
         scheduler = make_scheduler(optimizer, args, total_steps)
         engine.lr_scheduler = scheduler
     else:
-        master_weights = uses_master_weight_adamw(args, world_size)
-        if master_weights:
+        kind = own_optimizer(args, world_size)
+        if kind:
             # the fp32 masters are made where the parameters are now (DeepSpeed would move them later), from bf16
             # parameters as DeepSpeed's bf16 engine would cast them: PEFT keeps LoRA's adapters in fp32, which made
             # every adapter matmul an fp32 one with its input cast to fp32
             model.to(device=device, dtype=DTYPES[args.precision])
-        optimizer = make_optimizer(model, args, device, master_weights)
+        optimizer = make_optimizer(model, args, device, kind)
         scheduler = make_scheduler(optimizer, args, total_steps)
         engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                                config=config)
-        if master_weights:
-            engine.enable_backward_allreduce = False  # one process: DeepSpeed would copy every gradient to "reduce" it
+        if kind:
+            # one process: DeepSpeed would copy every gradient to "reduce" it; several: the optimizer reduces them
+            engine.enable_backward_allreduce = False
     return engine
 
 
@@ -591,7 +601,7 @@ def prepare_output_dir(args, rank, world_size):
         _output_lock = OutputFolderLock(args.output_dir)
     folder = check_output_dir(args)
     if folder is not None:
-        check_resume_settings(folder, args, world_size, uses_master_weight_adamw(args, world_size))
+        check_resume_settings(folder, args, world_size, own_optimizer(args, world_size))
     elif args.overwrite_output_dir and rank == 0:
         clear_output_dir(args.output_dir)
     torch.distributed.barrier()
@@ -646,6 +656,9 @@ def describe_optimizer(engine, args):
     if name == "MasterWeightAdamW":
         return (f"optimizer: {name} (one process: ZeRO-{args.zero_stage} would partition nothing, so our fused "
                 "AdamW keeps the fp32 masters)")
+    if name == "DataParallelAdamW":
+        return (f"optimizer: {name} (each of {engine.optimizer.world_size} processes steps 1/"
+                f"{engine.optimizer.world_size} of the trained parameters, as ZeRO-1; gradients reduce-scattered)")
     return f"optimizer: {name}, DeepSpeed ZeRO stage {engine.zero_optimization_stage()}"
 
 

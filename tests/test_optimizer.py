@@ -1,4 +1,5 @@
-"""MasterWeightAdamW: DeepSpeed's mixed-precision AdamW step (fp32 masters, global-norm clipping), on the CPU."""
+"""MasterWeightAdamW: DeepSpeed's mixed-precision AdamW step (fp32 masters, global-norm clipping), on the CPU;
+DataParallelAdamW: the same step over two processes (gloo), each stepping half of the parameters."""
 import copy
 
 import pytest
@@ -117,3 +118,63 @@ def test_one_pass_kernel_equals_the_three_passes(max_grad_norm):
     for p, master in zip(one[0], one[1].masters):
         assert torch.equal(p.detach(), master.bfloat16())  # the parameter is its master rounded
         assert float(one[1].state[master]["step"]) == 5
+
+
+def data_parallel_worker(rank, init_file, dtype, max_grad_norm, results):
+    """One of two processes: DataParallelAdamW on this rank's gradients, saved and resumed after two steps."""
+    import torch.distributed as dist
+    from optimizer import DataParallelAdamW
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        def make():
+            params = [torch.nn.Parameter(p.detach().to(dtype)) for p in bf16_params()]
+            groups = [{"params": params[:1], "weight_decay": 0.1}, {"params": params[1:], "weight_decay": 0.0}]
+            return params, DataParallelAdamW(groups, max_grad_norm=max_grad_norm, lr=1e-2, betas=(0.9, 0.95),
+                                             eps=1e-8)
+        params, optimizer = make()
+        for step in range(4):
+            if step == 2:  # a resumed run: fresh parameters and optimizer, this rank's saved slice state
+                saved = copy.deepcopy(optimizer.shard_state_dict())
+                params, optimizer = make()
+                optimizer.load_shard_state_dict(saved)
+            for p, g in zip(params, rank_gradients(step, rank)):
+                p.grad = None if g is None else g.to(dtype)
+            optimizer.step()
+        results[rank] = [p.detach().clone() for p in params]
+        results[f"grads{rank}"] = [flat.grad_slice.clone() for flat in optimizer.flat_groups]
+    finally:
+        dist.destroy_process_group()
+
+
+def rank_gradients(step, rank):
+    g = torch.Generator().manual_seed(1000 * rank + step)
+    return [torch.randn(16, 8, generator=g).bfloat16() * 10, torch.randn(8, generator=g).bfloat16() * 10,
+            torch.zeros(4).bfloat16()]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("max_grad_norm", [0.0, 1.0])
+def test_data_parallel_steps_equal_one_process_on_the_averaged_gradients(tmp_path, dtype, max_grad_norm):
+    import torch.multiprocessing as mp
+    from optimizer import MasterWeightAdamW
+    results = mp.Manager().dict()
+    mp.spawn(data_parallel_worker, args=(str(tmp_path / "init"), dtype, max_grad_norm, results), nprocs=2)
+    # one process on the mean of the two ranks' gradients (the mean rounded to the parameters' dtype, as the
+    # reduction leaves it)
+    params = [torch.nn.Parameter(p.detach().to(dtype)) for p in bf16_params()]
+    groups = [{"params": params[:1], "weight_decay": 0.1}, {"params": params[1:], "weight_decay": 0.0}]
+    reference = MasterWeightAdamW(groups, max_grad_norm=max_grad_norm, lr=1e-2, betas=(0.9, 0.95), eps=1e-8)
+    for step in range(4):
+        for p, g0, g1 in zip(params, rank_gradients(step, 0), rank_gradients(step, 1)):
+            p.grad = ((g0.to(dtype).float() + g1.to(dtype).float()) / 2).to(dtype)
+        reference.step()
+    assert results[0][0].abs().sum() > 0
+    # what the reduce-scatter left each rank: its slice of the mean gradient of each group (padded with zeros)
+    for group_params, slices in zip((params[:1], params[1:]), zip(results["grads0"], results["grads1"])):
+        mean = torch.cat([p.grad.reshape(-1) for p in group_params])
+        assert torch.equal(torch.cat(slices)[:mean.numel()], mean)
+        assert not torch.cat(slices)[mean.numel():].any()
+    for rank in (0, 1):
+        for mine, theirs in zip(results[rank], params):
+            assert mine.dtype == dtype
+            assert torch.allclose(mine.float(), theirs.detach().float(), rtol=1e-5, atol=1e-6)
