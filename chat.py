@@ -144,9 +144,10 @@ def load_for_chat(args):
                                bnb_quantization=args.quantization)
             base = folder
         else:
-            base = args.ori_model_dir or saved.get("model_dir")
+            loader = checkpoint_loader(saved["method"])
+            base = folder if loader.checkpoint_is_model else args.ori_model_dir or saved.get("model_dir")
             family = family_for(base, args.mode or saved.get("mode"))
-            model = checkpoint_loader(saved["method"]).load(base, folder, argparse.Namespace(
+            model = loader.load(base, folder, argparse.Namespace(
                 no_merge=False, quantization_bit=args.quantization_bit, quantization=args.quantization,
                 pre_seq_len=None, prefix_projection=None),
                 family, dtype)
@@ -163,6 +164,9 @@ def checkpoint_loader(method):
     if method == "pt":
         from predict_pt import PTuningPredict
         return PTuningPredict()
+    if method == "full":
+        from predict_full import FullPredict
+        return FullPredict()
     from predict_freeze import FreezePredict
     return FreezePredict()
 

@@ -22,6 +22,7 @@ PARTIAL_FILE = "predictions.partial.jsonl"  # each batch's tokens as soon as the
 class PredictMethod:
     name = "method"
     title = "a method"
+    checkpoint_is_model = False  # True: the checkpoint is a whole model folder, also the tokenizer's and family's
 
     def add_arguments(self, parser):
         pass
@@ -259,6 +260,8 @@ def predict(method, args):
 
     from metrics import TASKS
     checkpoint = resolve_checkpoint(args.model_dir, method.name)
+    if method.checkpoint_is_model and args.ori_model_dir is None:
+        args.ori_model_dir = checkpoint
     fill_defaults(args, saved_training_args(checkpoint))
     device = pick_device(args.device)
     dtype = pick_dtype(args.dtype, device)

@@ -128,6 +128,7 @@ MODES = {
     "pt2_projection": ("finetuning_pt.py", ["--pre_seq_len", 8, "--prefix_projection", "--learning_rate", 1e-2]),
     "pt_embedding_only": ("finetuning_pt.py", ["--pre_seq_len", 8, "--prompt_embedding_only", "--learning_rate", 1e-1]),
     "lora": ("finetuning_lora.py", ["--lora_r", 16, "--lora_dropout", 0, "--learning_rate", 5e-3]),
+    "full": ("finetuning_full.py", ["--learning_rate", 1e-3]),
 }
 
 

@@ -16,6 +16,7 @@ TRAINED = {
     "pt2_projection": lambda name: name.startswith("transformer.prefix_encoder."),
     "pt_embedding_only": lambda name: name.startswith("transformer.prefix_encoder."),
     "lora": lambda name: ".lora_" in name,
+    "full": lambda name: True,
 }
 
 
@@ -47,8 +48,10 @@ def test_only_the_intended_parameters_change(trained, tiny_model_dir, mode):
             changed.append(name)
     assert changed == []  # every frozen parameter is bit-identical
     assert trained_names
-    if mode in ("freeze",):
+    if mode in ("freeze", "full"):
         assert any(not torch.equal(final[k], base[k]) for k in trained_names)
+    if mode == "full":  # every weight matrix moved, the embedding (tied to the LM head) among them
+        assert all(not torch.equal(final[k], base[k]) for k in trained_names if final[k].ndim == 2)
 
 
 @pytest.mark.parametrize("mode", list(MODES))
@@ -56,7 +59,13 @@ def test_checkpoint_holds_only_what_was_trained(trained, mode):
     folder = latest(trained[mode])
     files = set(os.listdir(folder))
     assert {"training_args.json", "ice_text.model", "tokenizer_config.json", "ds_state"} <= files
-    if mode == "lora":
+    if mode == "full":  # a whole model folder, as the base: it loads as a base model would
+        assert {"config.json", "model.safetensors"} <= files
+        loaded = load_model(folder).state_dict()
+        final = load_file(os.path.join(trained[mode], "final_state.safetensors"))  # the run's last step
+        assert loaded.keys() == final.keys()
+        assert all(torch.equal(loaded[k], final[k]) for k in final)
+    elif mode == "lora":
         assert {"adapter_config.json", "adapter_model.safetensors"} <= files
         names = load_file(os.path.join(folder, "adapter_model.safetensors"))
         assert names and all("lora_" in k for k in names)

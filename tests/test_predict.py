@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 from conftest import launch
 
 PREDICT = {"freeze": "predict_freeze.py", "pt2": "predict_pt.py", "pt2_projection": "predict_pt.py",
-           "pt_embedding_only": "predict_pt.py", "lora": "predict_lora.py"}
+           "pt_embedding_only": "predict_pt.py", "lora": "predict_lora.py", "full": "predict_full.py"}
 
 
 def predict(mode, trained, rows, tmp_path, *extra, check=True):
@@ -26,7 +26,7 @@ def predict(mode, trained, rows, tmp_path, *extra, check=True):
     return metrics, predictions
 
 
-@pytest.mark.parametrize("mode", ["freeze", "pt2", "pt2_projection", "lora"])
+@pytest.mark.parametrize("mode", ["freeze", "pt2", "pt2_projection", "lora", "full"])
 def test_trained_model_predicts_the_rows_it_learned(trained, few_rows, tmp_path, mode):
     metrics, predictions = predict(mode, trained, few_rows, tmp_path)
     assert metrics["f1"] >= 0.9
