@@ -21,8 +21,13 @@ import signal
 import socket
 import time
 
-import torch
-from torch.utils.data import DataLoader
+# torch.compile's caches (inductor's code, AOTAutograd's graphs) under the user's cache folder rather than /tmp, so
+# that a later run of the same model and shapes reuses them after a reboot too; set before torch reads it
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(
+    os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "chatglm-finetuning", "torchinductor"))
+
+import torch  # noqa: E402 (after the cache folder is chosen)
+from torch.utils.data import DataLoader  # noqa: E402
 
 from checkpoints import (OutputFolderLock, check_output_dir, check_resume_settings, clear_output_dir,
                          latest_checkpoint, resume_from_checkpoint, save_checkpoint)
@@ -454,7 +459,7 @@ def train(engine, method, family, args, tokenizer, train_set, eval_loader, sampl
     metrics = MetricsLog(args.output_dir, rank == 0)
     bar = tqdm(total=total_steps, initial=progress["step"], disable=rank != 0, desc=method.name, dynamic_ncols=True)
     window_loss, window_micro, window_tokens, window_start = torch.zeros((), device=device), 0, 0, time.time()
-    last_loss = float("nan")
+    last_loss, first_step = float("nan"), True
     for epoch in range(progress["epoch"], args.num_train_epochs):
         sampler.set_epoch(epoch)
         # a private generator: creating the loader must not draw from the global RNG that dropout uses
@@ -478,6 +483,9 @@ def train(engine, method, family, args, tokenizer, train_set, eval_loader, sampl
                 continue
             progress.update(step=progress["step"] + 1, epoch=epoch, batches_done=i + 1)
             bar.update(1)
+            if first_step:
+                first_step = False
+                report_first_step(metrics, progress["step"], device, rank)
             interrupted = progress["step"] == args.stop_after_steps
             at_end = progress["step"] >= total_steps or i + 1 >= batches_per_epoch or interrupted
             if progress["step"] % args.log_steps == 0 or at_end:
@@ -488,7 +496,10 @@ def train(engine, method, family, args, tokenizer, train_set, eval_loader, sampl
                 check_finite(last_loss, progress["step"])
                 elapsed = time.time() - window_start
                 record = {"step": progress["step"], "epoch": epoch, "loss": round(last_loss, 6),
-                          "lr": engine.get_lr()[0], "tokens_per_s": round(window_tokens / elapsed, 1)}
+                          "lr": engine.get_lr()[0], "tokens_per_s": round(window_tokens / elapsed, 1),
+                          "elapsed_s": round(seconds_since_start(), 2)}
+                if device.type == "cuda":
+                    record["peak_gib"] = round(torch.cuda.max_memory_allocated(device) / 2 ** 30, 2)
                 metrics.write(record)
                 bar.set_postfix(loss=f"{last_loss:.4f}", lr=f"{record['lr']:.2e}", tok_s=f"{record['tokens_per_s']:.0f}")
                 window_loss.zero_()
@@ -504,6 +515,21 @@ def train(engine, method, family, args, tokenizer, train_set, eval_loader, sampl
     bar.close()
     metrics.plot(os.path.join(args.output_dir, "loss_curve.png"))
     return last_loss
+
+
+def seconds_since_start():
+    """Seconds since this process started (imports included): what a user waits from the command on."""
+    import psutil
+    return time.time() - psutil.Process().create_time()
+
+
+def report_first_step(metrics, step, device, rank):
+    """The wait from the command to the first optimizer step (loading, compiling, capturing), said and logged."""
+    seconds = seconds_since_start()
+    metrics.write({"step": step, "seconds_to_first_step": round(seconds, 1)})
+    if rank == 0:
+        from tqdm import tqdm
+        tqdm.write(f"first step done {seconds:.0f} s after the start (loading, compiling, capturing)")
 
 
 def save_and_evaluate(engine, method, args, tokenizer, eval_loader, metrics, progress, device, rank):

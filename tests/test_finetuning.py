@@ -83,7 +83,8 @@ def test_progress_metrics_and_loss_curve(trained):
     out = trained["lora"]
     assert os.path.isfile(os.path.join(out, "loss_curve.png"))
     record = metrics_of(out)[-1]
-    assert {"step", "epoch", "loss", "lr", "tokens_per_s"} <= set(record) and record["tokens_per_s"] > 0
+    assert {"step", "epoch", "loss", "lr", "tokens_per_s", "elapsed_s"} <= set(record) and record["tokens_per_s"] > 0
+    assert 0 < metrics_of(out)[0]["seconds_to_first_step"] < record["elapsed_s"]
 
 
 def resume_args(model_dir, rows, out, precision):
@@ -116,7 +117,9 @@ def test_kill_and_resume_ends_with_the_same_loss(tiny_model_dir, few_rows, tmp_p
     # checkpoints at steps 2, 4, 6, 8 (--save_steps 2) and 3, 6, 9 (epoch ends); the newest three are kept
     assert sorted(n for n in os.listdir(whole) if n.startswith("checkpoint-")) == \
         ["checkpoint-6", "checkpoint-8", "checkpoint-9"]
-    first, second = metrics_of(whole), metrics_of(pieces)
+    first, second = ([r for r in metrics_of(out) if "loss" in r] for out in (whole, pieces))
+    # each launch logs the wait for its first step once (the resumed run's first step is step 5)
+    assert [r["step"] for r in metrics_of(pieces) if "seconds_to_first_step" in r] == [1, 5]
     assert [r["step"] for r in first] == [r["step"] for r in second] == list(range(1, 10))
     for a, b in zip(first, second):
         assert a["loss"] == pytest.approx(b["loss"], abs=1e-5), (a, b)

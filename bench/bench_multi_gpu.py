@@ -1,0 +1,207 @@
+"""One GPU against two, through the command a user runs: `deepspeed --include localhost:0[,1] finetuning_*.py`.
+
+Builds a ChatGLM-6B-sized folder with random bf16 weights (28 layers, hidden 4096, vocabulary 130,528; the
+tokenizer is a small one trained here, so ids sit at the top of the vocabulary), then runs the training scripts
+with their defaults on the given rows. A run is stopped (SIGINT, nothing saved) once `--steps` optimizer steps are
+logged, unless it is a `*_whole` variant, which runs to its last checkpoint. From each run's metrics.jsonl:
+
+- first step: seconds from the command to the first optimizer step (imports, loading, compiling, capturing);
+- tokens/s: real (unpadded) tokens of all ranks per second over the second half of the steps (steady state);
+- peak GiB: torch.cuda.max_memory_allocated on rank 0; wall: the command's whole time.
+
+Groups run one after another; the runs of a group at the same time (on different GPUs):
+
+    python bench/bench_multi_gpu.py --train_path bench/.data/spo_train.jsonl --out $OUT \\
+        --groups "lora@0,pt2@1;lora@0+1;pt2@0+1"
+
+Compare rows only within one call: machines differ by about 10%.
+"""
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+VARIANTS = {  # name -> (script, options)
+    "lora": ("finetuning_lora.py", ["--lora_r", "8"]),
+    "lora_whole": ("finetuning_lora.py", ["--lora_r", "8"]),
+    "lora_zero3": ("finetuning_lora.py", ["--lora_r", "8", "--zero_stage", "3"]),
+    "pt2": ("finetuning_pt.py", ["--pre_seq_len", "16"]),
+    "freeze": ("finetuning_freeze.py", []),
+    "freeze_zero2": ("finetuning_freeze.py", ["--zero_stage", "2"]),
+    "full": ("finetuning_full.py", []),
+    "full_zero3": ("finetuning_full.py", ["--zero_stage", "3"]),
+}
+
+
+def build_random_model(folder, tiny=False, vocab_size=130528, shard_bytes=2 << 30):
+    """A ChatGLM-6B-shaped folder: config, tokenizer, random bf16 weights made on the GPU (std 0.02, norms 1).
+    `tiny`: 2 layers of hidden 64, on the CPU, to check this script."""
+    import torch
+    from safetensors.torch import save_file
+
+    from modeling_chatglm import ChatGLMForConditionalGeneration
+    from tools.make_tiny_model import DEFAULT_TEXT, official_state_dict, texts_from, tokenizer_and_config
+    from training import DEFAULT_PROMPT
+    if os.path.isfile(os.path.join(folder, "model.safetensors.index.json")):
+        return folder
+    os.makedirs(folder, exist_ok=True)
+    pieces = 3000
+    dims = (2, 64, 4, 128) if tiny else (28, 4096, 32, 16384)  # layers, hidden, heads, inner
+    config = tokenizer_and_config("chatglm", folder, texts_from([DEFAULT_TEXT]) + [DEFAULT_PROMPT] * 10, pieces,
+                                  vocab_size - pieces, *dims, True, 2048)
+    config.save_pretrained(folder)
+    with torch.device("meta"):
+        model = ChatGLMForConditionalGeneration(config)
+    state = official_state_dict(model)
+    device = "cpu" if tiny else "cuda"
+    generator = torch.Generator(device=device).manual_seed(0)
+    shards, current, size = [], {}, 0
+    for name, meta in state.items():
+        if meta.is_meta:
+            if meta.ndim == 2:
+                value = torch.randn(meta.shape, device=device, dtype=torch.bfloat16, generator=generator) * 0.02
+            else:
+                value = (torch.ones if name.endswith("weight") else torch.zeros)(meta.shape, dtype=torch.bfloat16)
+        else:
+            value = meta
+        current[name] = value.cpu()
+        size += value.numel() * value.element_size()
+        if size >= shard_bytes:
+            shards.append(current)
+            current, size = {}, 0
+    shards.append(current)
+    files = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    for file, shard in zip(files, shards):
+        save_file(shard, os.path.join(folder, file), metadata={"format": "pt"})
+    index = {"metadata": {}, "weight_map": {k: file for file, shard in zip(files, shards) for k in shard}}
+    with open(os.path.join(folder, "model.safetensors.index.json"), "w") as f:
+        json.dump(index, f)
+    return folder
+
+
+def start_run(name, gpus, model_dir, train_path, work, port):
+    script, options = VARIANTS[name]
+    out = os.path.join(work, f"{name}@{gpus}")
+    command = ["deepspeed", "--include", f"localhost:{gpus.replace('+', ',')}", "--master_port", str(port),
+               os.path.join(ROOT, script), "--model_dir", model_dir, "--train_path", train_path, "--output_dir", out,
+               "--overwrite_output_dir", "--log_steps", "10", *options]
+    log = open(out + ".log", "w")
+    process = subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    return {"name": name, "gpus": gpus, "out": out, "process": process, "log": log, "start": time.time(),
+            "whole": name.endswith("_whole")}
+
+
+def logged_steps(out):
+    try:
+        with open(os.path.join(out, "metrics.jsonl")) as f:
+            return [json.loads(line) for line in f]
+    except (OSError, ValueError):
+        return []
+
+
+def wait_for(runs, steps, timeout):
+    """Stop each run once `steps` steps are logged (whole runs: let them end); kill what outlives `timeout`."""
+    deadline = time.time() + timeout
+    while any(r["process"].poll() is None for r in runs):
+        for r in runs:
+            if r["process"].poll() is not None or r["whole"] or "stopped" in r:
+                continue
+            records = [x for x in logged_steps(r["out"]) if "loss" in x]
+            if records and records[-1]["step"] >= steps:
+                r["stopped"] = time.time()
+                os.killpg(r["process"].pid, signal.SIGINT)
+        if time.time() > deadline:
+            for r in runs:
+                if r["process"].poll() is None:
+                    os.killpg(r["process"].pid, signal.SIGKILL)
+            break
+        time.sleep(1)
+    for r in runs:
+        try:
+            r["process"].wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(r["process"].pid, signal.SIGKILL)
+        r["end"] = time.time()
+        r["log"].close()
+
+
+def summarize(run):
+    records = logged_steps(run["out"])
+    losses = [r for r in records if "loss" in r]
+    first = next((r["seconds_to_first_step"] for r in records if "seconds_to_first_step" in r), None)
+    with open(run["out"] + ".log", errors="replace") as f:
+        text = f.read()
+    optimizer = next((line.split("optimizer: ", 1)[1][:60] for line in text.splitlines() if "optimizer: " in line), "")
+    row = {"run": run["name"], "gpus": run["gpus"].count("+") + 1, "devices": run["gpus"], "optimizer": optimizer,
+           "first_step_s": first, "steps": losses[-1]["step"] if losses else 0,
+           "wall_s": round(run["end"] - run["start"], 1), "returncode": run["process"].returncode}
+    half = [r for r in losses if r["step"] > losses[-1]["step"] / 2] if losses else []
+    if len(half) >= 2:
+        # tokens of a window = its tokens/s x its duration; the windows of the second half, after the first of them
+        windows = list(zip(half, half[1:]))
+        seconds = half[-1]["elapsed_s"] - half[0]["elapsed_s"]
+        tokens = sum(b["tokens_per_s"] * (b["elapsed_s"] - a["elapsed_s"]) for a, b in windows)
+        row.update(tokens_per_s=round(tokens / seconds), ms_per_step=round(1000 * seconds / (half[-1]["step"] - half[0]["step"]), 1),
+                   peak_gib=max(r.get("peak_gib", 0) for r in losses), last_loss=losses[-1]["loss"])
+    if row["returncode"] not in (0, 130, -2) or not losses:  # -2: the launcher stopped by our SIGINT
+        row["log_tail"] = text[-1500:]
+    return row
+
+
+def table(rows):
+    one = {r["run"]: r.get("tokens_per_s") for r in rows if r["gpus"] == 1 and r.get("tokens_per_s")}
+    lines = ["| run | GPUs | optimizer | first step s | ms/step | tokens/s | x one GPU | peak GiB/GPU | wall s |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in rows:
+        base = one.get(r["run"].split("_zero")[0])
+        scale = f"{r['tokens_per_s'] / base:.2f}" if r.get("tokens_per_s") and base and r["gpus"] > 1 else ""
+        lines.append(f"| {r['run']} | {r['gpus']} | {r['optimizer'][:28]} | {r['first_step_s']} | "
+                     f"{r.get('ms_per_step', '')} | {r.get('tokens_per_s', 'failed')} | {scale} | "
+                     f"{r.get('peak_gib', '')} | {r['wall_s']} |")
+    return "\n".join(lines)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--groups", required=True, help="groups separated by ';', runs of a group by ','; a run is "
+                        f"VARIANT@GPUS with GPUS like 0 or 0+1; variants: {', '.join(VARIANTS)}")
+    parser.add_argument("--train_path", default=os.path.join(ROOT, "data", "spo_train.jsonl"))
+    parser.add_argument("--model_dir", default="/tmp/chatglm6b-random")
+    parser.add_argument("--tiny", action="store_true", help="a 2-layer model on the CPU, to check this script")
+    parser.add_argument("--work", default="/tmp/bench_multi_gpu", help="the runs' output folders and logs")
+    parser.add_argument("--steps", type=int, default=300, help="stop each run after this many steps")
+    parser.add_argument("--timeout", type=int, default=400, help="seconds a group may take")
+    parser.add_argument("--out", default=os.path.join(ROOT, "bench", "results", "multi_gpu"))
+    args = parser.parse_args()
+    os.makedirs(args.out, exist_ok=True)
+    os.makedirs(args.work, exist_ok=True)
+    start = time.time()
+    build_random_model(args.model_dir, args.tiny)
+    print(f"model folder ready after {time.time() - start:.0f} s", flush=True)
+    rows, port = [], 29600
+    for group in args.groups.split(";"):
+        runs = []
+        for spec in group.split(","):
+            name, gpus = spec.split("@")
+            runs.append(start_run(name, gpus, args.model_dir, args.train_path, args.work, port))
+            port += 1
+        wait_for(runs, args.steps, args.timeout)
+        for run in runs:
+            row = summarize(run)
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+            with open(os.path.join(args.out, "runs.jsonl"), "a") as f:
+                f.write(json.dumps(row) + "\n")
+    with open(os.path.join(args.out, "table.md"), "w") as f:
+        f.write(table(rows) + "\n")
+    print(table(rows), flush=True)
+
+
+if __name__ == "__main__":
+    main()
