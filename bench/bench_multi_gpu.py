@@ -85,7 +85,7 @@ def build_random_model(folder, tiny=False, vocab_size=130528, shard_bytes=2 << 3
     return folder
 
 
-def start_run(name, gpus, model_dir, train_path, work, port):
+def start_run(name, gpus, model_dir, train_path, work, port, steps):
     script, options = VARIANTS[name]
     out = os.path.join(work, f"{name}@{gpus}")
     command = ["deepspeed", "--include", f"localhost:{gpus.replace('+', ',')}", "--master_port", str(port),
@@ -94,7 +94,7 @@ def start_run(name, gpus, model_dir, train_path, work, port):
     log = open(out + ".log", "w")
     process = subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     return {"name": name, "gpus": gpus, "out": out, "process": process, "log": log, "start": time.time(),
-            "whole": name.endswith("_whole")}
+            "whole": name.endswith("_whole"), "steps": steps}
 
 
 def logged_steps(out):
@@ -105,7 +105,7 @@ def logged_steps(out):
         return []
 
 
-def wait_for(runs, steps, timeout):
+def wait_for(runs, timeout):
     """Stop each run once `steps` steps are logged (whole runs: let them end); kill what outlives `timeout`."""
     deadline = time.time() + timeout
     while any(r["process"].poll() is None for r in runs):
@@ -113,7 +113,7 @@ def wait_for(runs, steps, timeout):
             if r["process"].poll() is not None or r["whole"] or "stopped" in r:
                 continue
             records = [x for x in logged_steps(r["out"]) if "loss" in x]
-            if records and records[-1]["step"] >= steps:
+            if records and records[-1]["step"] >= r["steps"]:
                 r["stopped"] = time.time()
                 os.killpg(r["process"].pid, signal.SIGINT)
         if time.time() > deadline:
@@ -170,7 +170,7 @@ def table(rows):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--groups", required=True, help="groups separated by ';', runs of a group by ','; a run is "
-                        f"VARIANT@GPUS with GPUS like 0 or 0+1; variants: {', '.join(VARIANTS)}")
+                        f"VARIANT@GPUS[:STEPS] with GPUS like 0 or 0+1; variants: {', '.join(VARIANTS)}")
     parser.add_argument("--train_path", default=os.path.join(ROOT, "data", "spo_train.jsonl"))
     parser.add_argument("--model_dir", default="/tmp/chatglm6b-random")
     parser.add_argument("--tiny", action="store_true", help="a 2-layer model on the CPU, to check this script")
@@ -189,9 +189,11 @@ def main():
         runs = []
         for spec in group.split(","):
             name, gpus = spec.split("@")
-            runs.append(start_run(name, gpus, args.model_dir, args.train_path, args.work, port))
+            gpus, _, steps = gpus.partition(":")
+            runs.append(start_run(name, gpus, args.model_dir, args.train_path, args.work, port,
+                                  int(steps or args.steps)))
             port += 1
-        wait_for(runs, args.steps, args.timeout)
+        wait_for(runs, args.timeout)
         for run in runs:
             row = summarize(run)
             rows.append(row)
