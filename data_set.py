@@ -366,8 +366,27 @@ class EpochSampler(Sampler):
             order = [j for b in batches for j in b]
         return order
 
+    def balanced_across_ranks(self, order):
+        """Within each global batch (batch_size rows per rank), the rows dealt to the ranks so that their token
+        totals are close, longest row first to the rank with the fewest tokens so far. Every rank waits for the
+        slowest at each step; which rank computes which row of a global batch changes nothing else (each rank's
+        loss is its share of the global batch's mean)."""
+        size = self.batch_size * self.world_size
+        balanced = []
+        for start in range(0, len(order) - size + 1, size):
+            ranks, totals = [[] for _ in range(self.world_size)], [0] * self.world_size
+            for j in sorted(order[start:start + size], key=lambda j: -self.lengths[j]):
+                r = min((r for r in range(self.world_size) if len(ranks[r]) < self.batch_size),
+                        key=lambda r: totals[r])
+                ranks[r].append(j)
+                totals[r] += self.lengths[j]
+            balanced += [ranks[r][k] for k in range(self.batch_size) for r in range(self.world_size)]
+        return balanced + order[len(balanced):]
+
     def __iter__(self):
         order = self.global_order()
+        if self.world_size > 1:
+            order = self.balanced_across_ranks(order)
         usable = len(order) - len(order) % self.world_size
         return iter(order[self.rank:usable:self.world_size])
 

@@ -90,7 +90,7 @@ def start_run(name, gpus, model_dir, train_path, work, port, steps):
     out = os.path.join(work, f"{name}@{gpus}")
     command = ["deepspeed", "--include", f"localhost:{gpus.replace('+', ',')}", "--master_port", str(port),
                os.path.join(ROOT, script), "--model_dir", model_dir, "--train_path", train_path, "--output_dir", out,
-               "--overwrite_output_dir", "--log_steps", "10", *options]
+               "--overwrite_output_dir", "--skip_bad_rows", "--log_steps", "10", *options]
     log = open(out + ".log", "w")
     process = subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     return {"name": name, "gpus": gpus, "out": out, "process": process, "log": log, "start": time.time(),

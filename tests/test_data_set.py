@@ -118,3 +118,20 @@ def test_batches_pad_up_to_a_multiple_when_asked():
     batch = PadToLongest(pad_token_id=3, multiple=4)([{"input_ids": [5, 6, 7, 8, 9], "labels": [-100, 6, 7, 8, 9]}])
     assert batch["input_ids"].tolist() == [[5, 6, 7, 8, 9, 3, 3, 3]]
     assert batch["labels"].tolist() == [[-100, 6, 7, 8, 9, -100, -100, -100]]
+
+
+def test_ranks_get_the_one_rank_global_batches_with_balanced_token_counts():
+    """Two ranks of 2 rows see, step by step, the rows one rank of 4 sees; the longest rows are split between them."""
+    import random
+    lengths = [random.Random(i).randrange(10, 700) for i in range(400)]
+    one = list(EpochSampler(lengths, 4, seed=3))
+    ranks = [list(EpochSampler(lengths, 2, seed=3, rank=r, world_size=2)) for r in range(2)]
+    spread, unbalanced = 0, 0
+    for step in range(100):
+        mine = [ranks[r][2 * step:2 * step + 2] for r in range(2)]
+        assert sorted(mine[0] + mine[1]) == sorted(one[4 * step:4 * step + 4])
+        totals = [sum(lengths[j] for j in rows) for rows in mine]
+        spread += abs(totals[0] - totals[1])
+        naive = [sum(lengths[j] for j in one[4 * step + r:4 * step + 4:2]) for r in range(2)]  # rows dealt in turn
+        unbalanced += abs(naive[0] - naive[1])
+    assert spread < unbalanced / 1.8  # about halved: a + d against b + c is the best split of four rows
