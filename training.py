@@ -523,13 +523,25 @@ def seconds_since_start():
     return time.time() - psutil.Process().create_time()
 
 
+# seconds since the start at which each part of the start-up ended, in order (filled in by `run`)
+startup_marks = {}
+
+
+def mark_startup(part):
+    startup_marks[part] = seconds_since_start()
+
+
 def report_first_step(metrics, step, device, rank):
-    """The wait from the command to the first optimizer step (loading, compiling, capturing), said and logged."""
-    seconds = seconds_since_start()
-    metrics.write({"step": step, "seconds_to_first_step": round(seconds, 1)})
+    """The wait from the command to the first optimizer step, part by part, said and logged."""
+    mark_startup("first step (compiling, capturing)")
+    parts, before = {}, 0.0
+    for part, seconds in startup_marks.items():
+        parts[part], before = round(seconds - before, 1), seconds
+    metrics.write({"step": step, "seconds_to_first_step": round(before, 1), "startup_s": parts})
     if rank == 0:
         from tqdm import tqdm
-        tqdm.write(f"first step done {seconds:.0f} s after the start (loading, compiling, capturing)")
+        tqdm.write(f"first step done {before:.0f} s after the start: "
+                   + ", ".join(f"{part} {seconds:.0f} s" for part, seconds in parts.items()))
 
 
 def save_and_evaluate(engine, method, args, tokenizer, eval_loader, metrics, progress, device, rank):
@@ -706,12 +718,15 @@ def run(method, args, rank, world_size, device):
     if args.pad_to_multiple_of is None:
         args.pad_to_multiple_of = 64 if device.type == "cuda" else 0
     resume_folder = prepare_output_dir(args, rank, world_size)
+    mark_startup("imports and set-up")
     seed_everything(args.seed)
     family, tokenizer, train_set, eval_loader = load_data(args, rank)
+    mark_startup("data")
     sampler = EpochSampler(train_set.lengths, args.train_batch_size, args.seed, rank, world_size,
                            args.group_by_length)
     _, total_steps = schedule_length(args, sampler)
     model = load_base_model(args, method, family, device)
+    mark_startup("weights")
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     model = method.prepare(model, args, family)
@@ -721,12 +736,14 @@ def run(method, args, rank, world_size, device):
     if rank == 0:
         print(f"{method.name}: trainable parameters {trainable:,} / {total:,} ({100 * trainable / total:.4f}%)")
     engine = build_engine(model, args, world_size, device, total_steps)
+    mark_startup("DeepSpeed")
     if rank == 0:
         print(f"{describe_optimizer(engine, args)}, {args.precision}; batches: "
               f"{'rows packed into one sequence' if args.pack_rows else 'rows padded'}")
     progress = {"step": 0, "epoch": 0, "batches_done": 0}
     if resume_folder:
         progress = resume_from_checkpoint(engine, resume_folder, rank)
+        mark_startup("resume")
         if rank == 0:
             print(f"resumed from {resume_folder} at step {progress['step']}")
     last_loss = train(engine, method, family, args, tokenizer, train_set, eval_loader, sampler, device, rank,
