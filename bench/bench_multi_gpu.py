@@ -19,6 +19,7 @@ Compare rows only within one call: machines differ by about 10%.
 import argparse
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -88,6 +89,10 @@ def build_random_model(folder, tiny=False, vocab_size=130528, shard_bytes=2 << 3
 def start_run(name, gpus, model_dir, train_path, work, port, steps):
     script, options = VARIANTS[name]
     out = os.path.join(work, f"{name}@{gpus}")
+    repeat = 1
+    while os.path.exists(out + ".log"):  # the same variant again (a warm compile cache): a folder of its own
+        repeat += 1
+        out = os.path.join(work, f"{name}@{gpus}#{repeat}")
     command = ["deepspeed", "--include", f"localhost:{gpus.replace('+', ',')}", "--master_port", str(port),
                os.path.join(ROOT, script), "--model_dir", model_dir, "--train_path", train_path, "--output_dir", out,
                "--overwrite_output_dir", "--skip_bad_rows", "--log_steps", "10", *options]
@@ -134,13 +139,15 @@ def wait_for(runs, timeout):
 def summarize(run):
     records = logged_steps(run["out"])
     losses = [r for r in records if "loss" in r]
-    first = next((r["seconds_to_first_step"] for r in records if "seconds_to_first_step" in r), None)
+    first_record = next((r for r in records if "seconds_to_first_step" in r), {})
+    first = first_record.get("seconds_to_first_step")
     with open(run["out"] + ".log", errors="replace") as f:
         text = f.read()
     optimizer = next((line.split("optimizer: ", 1)[1][:60] for line in text.splitlines() if "optimizer: " in line), "")
     row = {"run": run["name"], "gpus": run["gpus"].count("+") + 1, "devices": run["gpus"], "optimizer": optimizer,
            "first_step_s": first, "steps": losses[-1]["step"] if losses else 0,
-           "wall_s": round(run["end"] - run["start"], 1), "returncode": run["process"].returncode}
+           "wall_s": round(run["end"] - run["start"], 1), "returncode": run["process"].returncode,
+           "startup_s": first_record.get("startup_s")}
     half = [r for r in losses if r["step"] > losses[-1]["step"] / 2] if losses else []
     if len(half) >= 2:
         # tokens of a window = its tokens/s x its duration; the windows of the second half, after the first of them
@@ -180,6 +187,7 @@ def main():
     parser.add_argument("--out", default=os.path.join(ROOT, "bench", "results", "multi_gpu"))
     args = parser.parse_args()
     os.makedirs(args.out, exist_ok=True)
+    shutil.rmtree(args.work, ignore_errors=True)  # an earlier call's folders would be read as this call's
     os.makedirs(args.work, exist_ok=True)
     start = time.time()
     build_random_model(args.model_dir, args.tiny)
