@@ -11,7 +11,7 @@ their index, the tokenizer, the base's code files), which predict_full.py, chat.
 Memory, ChatGLM-6B in bf16: weights 12 GB, gradients 12 GB, fp32 masters and Adam moments 74 GB (~100 GB with
 activations: one 141 GB H200). On several GPUs ZeRO-1 (the default) divides the 74 GB between them, ZeRO-3 the
 weights and gradients as well, and --offload moves the optimizer state to CPU memory. Checkpoints also keep the
-optimizer state for --resume (74 GB for 6B; --keep_checkpoints 1 keeps one).
+optimizer state for --resume (74 GB for 6B), so by default only the newest is kept (--keep_checkpoints).
 """
 import glob
 import os
@@ -24,6 +24,7 @@ class Full(Method):
     name = "full"
     title = "full-parameter"
     default_learning_rate = 1e-5
+    default_keep_checkpoints = 1  # each holds the whole model and its optimizer state (~100 GB for 6B)
 
     def check_arguments(self, args, family, config):
         if args.quantization_bit or args.quantization or config.to_dict().get("quantization_bit"):

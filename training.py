@@ -42,6 +42,7 @@ class Method:
     name = "method"
     title = "a method"
     default_learning_rate = 1e-4
+    default_keep_checkpoints = 3
 
     def add_arguments(self, parser):
         pass
@@ -137,7 +138,7 @@ def build_parser(method):
     train.set_defaults(precision="auto")
     train.add_argument("--log_steps", type=int, default=10)
     train.add_argument("--save_steps", type=int, default=0, help="also save every N steps (0: at epoch ends only)")
-    train.add_argument("--keep_checkpoints", type=int, default=3,
+    train.add_argument("--keep_checkpoints", type=int, default=method.default_keep_checkpoints,
                        help="keep the newest N checkpoints, delete older ones (0: keep all)")
     train.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --output_dir "
                        "(after Ctrl-C, a kill or a crash; the same settings and number of processes)")

@@ -61,6 +61,8 @@ def test_checkpoint_holds_only_what_was_trained(trained, mode):
     assert {"training_args.json", "ice_text.model", "tokenizer_config.json", "ds_state"} <= files
     if mode == "full":  # a whole model folder, as the base: it loads as a base model would
         assert {"config.json", "model.safetensors"} <= files
+        # each checkpoint holds the whole model and its optimizer state: only the newest is kept by default
+        assert [n for n in os.listdir(trained[mode]) if n.startswith("checkpoint-")] == [os.path.basename(folder)]
         loaded = load_model(folder).state_dict()
         final = load_file(os.path.join(trained[mode], "final_state.safetensors"))  # the run's last step
         assert loaded.keys() == final.keys()
