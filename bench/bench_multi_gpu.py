@@ -154,6 +154,10 @@ def summarize(run):
         windows = list(zip(half, half[1:]))
         seconds = half[-1]["elapsed_s"] - half[0]["elapsed_s"]
         tokens = sum(b["tokens_per_s"] * (b["elapsed_s"] - a["elapsed_s"]) for a, b in windows)
+        # the median window leaves out the windows in which a rank captured a new batch shape (about a second each,
+        # and on several GPUs the other ranks wait for it): the rate once every shape has been seen
+        rates = sorted(r["tokens_per_s"] for r in half[1:])
+        row.update(median_window_tokens_per_s=round(rates[len(rates) // 2]))
         row.update(tokens_per_s=round(tokens / seconds), ms_per_step=round(1000 * seconds / (half[-1]["step"] - half[0]["step"]), 1),
                    peak_gib=max(r.get("peak_gib", 0) for r in losses), last_loss=losses[-1]["loss"])
     if row["returncode"] not in (0, 130, -2) or not losses:  # -2: the launcher stopped by our SIGINT
@@ -163,13 +167,19 @@ def summarize(run):
 
 def table(rows):
     one = {r["run"]: r.get("tokens_per_s") for r in rows if r["gpus"] == 1 and r.get("tokens_per_s")}
-    lines = ["| run | GPUs | optimizer | first step s | ms/step | tokens/s | x one GPU | peak GiB/GPU | wall s |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    median = {r["run"]: r.get("median_window_tokens_per_s") for r in rows if r["gpus"] == 1}
+    lines = ["| run | GPUs | optimizer | first step s | ms/step | tokens/s | x one GPU | median window tokens/s | x one GPU "
+             "| peak GiB/GPU | wall s |", "| --- " * 11 + "|"]
+
+    def ratio(value, base, gpus):
+        return f"{value / base:.2f}" if value and base and gpus > 1 else ""
     for r in rows:
-        base = one.get(r["run"].split("_zero")[0])
-        scale = f"{r['tokens_per_s'] / base:.2f}" if r.get("tokens_per_s") and base and r["gpus"] > 1 else ""
+        name = r["run"].split("_zero")[0]
         lines.append(f"| {r['run']} | {r['gpus']} | {r['optimizer'][:28]} | {r['first_step_s']} | "
-                     f"{r.get('ms_per_step', '')} | {r.get('tokens_per_s', 'failed')} | {scale} | "
+                     f"{r.get('ms_per_step', '')} | {r.get('tokens_per_s', 'failed')} | "
+                     f"{ratio(r.get('tokens_per_s'), one.get(name), r['gpus'])} | "
+                     f"{r.get('median_window_tokens_per_s', '')} | "
+                     f"{ratio(r.get('median_window_tokens_per_s'), median.get(name), r['gpus'])} | "
                      f"{r.get('peak_gib', '')} | {r['wall_s']} |")
     return "\n".join(lines)
 
