@@ -90,25 +90,28 @@ class MasterWeightAdamW(torch.optim.AdamW):
         pairs = [(p, m) for p, m in zip(self.model_params, self.masters) if p.grad is not None]
         if not pairs:
             return None
-        grads = [p.grad for p, _ in pairs]
-        scale = self.clipping_divisor(grads)
+        self.step_pairs(pairs, self.clipping_divisor([p.grad for p, _ in pairs]))
+        return None
+
+    def step_pairs(self, pairs, scale):
+        """AdamW on the masters of (parameter, master) pairs from the parameters' .grad, clipped by `scale` (a
+        device tensor or None); the parameters get their updated masters."""
         if self.takes_one_pass([p for p, _ in pairs]):
             self.step_in_one_pass(pairs, scale)
-            return None
-        for (_, master), grad in zip(pairs, grads):
-            master.grad = grad.float()  # the same tensor when the parameter is fp32 already
+            return
+        for param, master in pairs:
+            master.grad = param.grad.float()  # the same tensor when the parameter is fp32 already
         if self.defaults["fused"]:
             self.grad_scale = scale  # fused AdamW divides each gradient by it as it reads it
         elif scale is not None:
             torch._foreach_div_([m.grad for _, m in pairs], scale)
-        super().step()
+        torch.optim.AdamW.step(self)
         self.grad_scale = None
         copies = [(p, m) for p, m in pairs if p.data_ptr() != m.data_ptr()]
         if copies:
             torch._foreach_copy_([p for p, _ in copies], [m for _, m in copies])
         for _, master in pairs:
             master.grad = None
-        return None
 
     def takes_one_pass(self, params):
         return self.one_pass and self.defaults["fused"] and one_pass_available(params)
@@ -183,23 +186,9 @@ class DataParallelAdamW(MasterWeightAdamW):
         grads = [flat.grad_slice for flat in self.flat_groups]
         scale = self.clipping_divisor(grads)
         pairs = [(flat.param_slice, master) for flat, master in zip(self.flat_groups, self.masters)]
-        if self.takes_one_pass([p for p, _ in pairs]):
-            for (param, _), grad in zip(pairs, grads):
-                param.grad = grad  # step_in_one_pass reads each parameter's .grad
-            self.step_in_one_pass(pairs, scale)
-        else:
-            for (_, master), grad in zip(pairs, grads):
-                master.grad = grad.float()
-            if self.defaults["fused"]:
-                self.grad_scale = scale
-            elif scale is not None:
-                torch._foreach_div_([m.grad for _, m in pairs], scale)
-            torch.optim.AdamW.step(self)
-            self.grad_scale = None
-            for param, master in pairs:
-                if param.data_ptr() != master.data_ptr():
-                    param.copy_(master)
-                master.grad = None
+        for (param, _), grad in zip(pairs, grads):
+            param.grad = grad
+        self.step_pairs(pairs, scale)
         for param, _ in pairs:
             param.grad = None
         for flat in self.flat_groups:
