@@ -117,3 +117,11 @@ def test_resuming_against_other_test_rows_is_refused_with_the_line(trained, few_
     assert result.returncode != 0
     assert "predictions.partial.jsonl:1: row 0 does not match the test file" in result.stderr
     assert (tmp_path / "predictions.partial.jsonl").exists()  # nothing already written is lost
+
+
+def test_a_full_fine_tuning_checkpoint_is_a_base_for_the_other_predict_scripts(trained, few_rows, tmp_path):
+    """The folder finetuning_full.py saves loads wherever a base model folder does (here under LoRA's adapters)."""
+    with open(os.path.join(trained["full"], "latest")) as f:
+        full = os.path.join(trained["full"], f.read().strip())
+    metrics, predictions = predict("lora", trained, few_rows, tmp_path, "--ori_model_dir", full)
+    assert metrics["base_model"] == full and metrics["rows"] == len(predictions) == 6
