@@ -13,10 +13,13 @@ for buffer in /dev/shm/deepspeed_allreduce_buffer_*; do
     fi
 done
 
-# a JIT build lock this old was left by a killed compile (building takes about a minute): every DeepSpeed launch
-# would wait on it for ever
-find "${TORCH_EXTENSIONS_DIR:-$HOME/.cache/torch_extensions}" -name lock -mmin +10 -print -delete 2>/dev/null |
-    sed 's/^/removed a stale build lock: /'
+# torch's JIT build lock is a bare file (no process holds it open): one left by a killed compile makes every later
+# DeepSpeed launch wait on it for ever. A build runs ninja from start to end of its compile, so with no ninja
+# running, every lock is garbage (CI once lost 15 minutes to one two minutes old)
+if ! pgrep -x ninja > /dev/null; then
+    find "${TORCH_EXTENSIONS_DIR:-$HOME/.cache/torch_extensions}" -name lock -print -delete 2>/dev/null |
+        sed 's/^/removed a stale build lock: /'
+fi
 
 # build DeepSpeed's CPU communication op now, once, rather than inside the first test's time limit
 DS_ACCELERATOR=cpu timeout 900 python3 -c "
