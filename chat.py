@@ -7,7 +7,7 @@
 Type a message and press Enter. `clear` (清空) empties the history, `stop` (退出) or Ctrl-D leaves, Ctrl-C stops the
 answer being written and keeps what was said. Prompt formats (`--format`):
 - chat: each family's official chat template, token for token what THUDM's chat()/stream_chat() builds (ChatGLM-6B
-  `[Round N]\\n问：...\\n答：`, ChatGLM2 `[Round N]\\n\\n问：...\\n\\n答：`, ChatGLM3 role tokens, `--system`);
+  `[Round N]\\n问：...\\n答：`, ChatGLM2 `[Round N]\\n\\n问：...\\n\\n答：`, ChatGLM3 and GLM-4 role tokens, `--system`);
 - task: the layout the suite trained on: `--prompt_text` + the message, then the family's markers (the default for a
   checkpoint, so a task model answers as in predict; with --greedy the answer equals predict's for the same row).
   Task models learned single turns, so only the message goes in; a ChatGLM3 checkpoint trained on conversations gets
@@ -26,7 +26,7 @@ from checkpoints import latest_checkpoint, saved_training_args
 from prediction import DTYPES, pick_device, pick_dtype
 
 # the official chat() defaults: ChatGLM-6B top_p 0.7, temperature 0.95; ChatGLM2/3 0.8 and 0.8
-SAMPLING_DEFAULTS = {"chatglm": (0.7, 0.95), "chatglm2": (0.8, 0.8), "chatglm3": (0.8, 0.8)}
+SAMPLING_DEFAULTS = {"chatglm": (0.7, 0.95), "chatglm2": (0.8, 0.8), "chatglm3": (0.8, 0.8), "glm4": (0.8, 0.8)}
 CLEAR, STOP = ("clear", "清空"), ("stop", "退出", "exit", "quit")
 
 
@@ -45,13 +45,19 @@ def chat_prompt_ids(tokenizer, family, history, query, system=None):
         text = "".join(f"[Round {i + 1}]\n\n问：{q}\n\n答：{r}\n\n" for i, (q, r) in enumerate(history))
         text += f"[Round {len(history) + 1}]\n\n问：{query}\n\n答："
         return tokenizer.encode(text, add_special_tokens=True)
-    # ChatGLM3 build_chat_input(): [gMASK] sop, each message as <|role|> metadata\n content, then <|assistant|>
+    # ChatGLM3 build_chat_input() and GLM-4's chat template: [gMASK] sop, each message as <|role|> metadata\n content,
+    # then <|assistant|>
     ids = [tokenizer.get_command("[gMASK]"), tokenizer.get_command("sop")]
     if system:
         ids += tokenizer.build_single_message("system", "", system)
     for q, r in history:
         ids += tokenizer.build_single_message("user", "", q) + tokenizer.build_single_message("assistant", "", r)
     return ids + tokenizer.build_single_message("user", "", query) + [tokenizer.get_command("<|assistant|>")]
+
+
+def has_roles(family):
+    """A chat family with role tokens (ChatGLM3, GLM-4): system prompts and conversation rows."""
+    return family.build_conversation_prompt is not None
 
 
 def task_prompt_ids(tokenizer, family, history, query, prompt_text, max_src_len, conversations=False):
@@ -267,7 +273,7 @@ def build_parser():
     parser.add_argument("--format", choices=["chat", "task"], default=None,
                         help="chat: the official chat template; task: the trained layout (default: task for a "
                              "checkpoint, chat for a base folder)")
-    parser.add_argument("--system", default=None, help="a system message (ChatGLM3, chat format)")
+    parser.add_argument("--system", default=None, help="a system message (ChatGLM3, GLM-4; chat format)")
     parser.add_argument("--prompt_text", default=None, help="task format: put before each message (default: the "
                         "training run's)")
     parser.add_argument("--max_src_len", type=int, default=None, help="task format: default the training run's")
@@ -293,8 +299,8 @@ def main(argv=None):
     model, tokenizer, family, saved = load_for_chat(args)
     if args.format is None:
         args.format = "task" if saved else "chat"
-    if args.system and (args.format != "chat" or family.name != "chatglm3"):
-        raise SystemExit("error: --system needs a ChatGLM3 model and --format chat")
+    if args.system and (args.format != "chat" or not has_roles(family)):
+        raise SystemExit("error: --system needs a model with chat roles (ChatGLM3, GLM-4) and --format chat")
     conversation = Conversation(tokenizer, family, args, saved)
     sampling = sampling_settings(args, family)
     if args.input:

@@ -5,11 +5,11 @@ Rows come from a JSONL file (one object per line) or a JSON file holding one arr
 - `{"instruction": ..., "input": ..., "output": ...}`: the row's instruction is the prompt; `output` may be a list
   of references (test sets); training uses the first;
 - `{"conversations": [{"role": "system"|"user"|"assistant"|"observation", "content": ...}, ...]}`: a multi-turn
-  chat (ChatGLM3). Training learns every assistant turn; prediction continues the turns before the last
+  chat (ChatGLM3, GLM-4). Training learns every assistant turn; prediction continues the turns before the last
   assistant turn, which is the reference. `--prompt_text` does not apply (a system turn can hold one).
 
 The token layout is the model family's (ChatGLM-6B: `prompt+text [gMASK] <sop> answer <eop>`; ChatGLM2:
-`[gMASK] sop prompt+text answer eos`; ChatGLM3: its chat layout, see model_family.py). As in the reference, the
+`[gMASK] sop prompt+text answer eos`; ChatGLM3, GLM-4: their chat layout, see model_family.py). As in the reference, the
 text is cut so that prompt + text fit `max_src_len` and the answer fits what is left of `max_len`; a conversation
 is cut at `max_len`. Labels are -100 on the context. Batches are padded to their own longest row only.
 """
@@ -182,8 +182,8 @@ def encode_turns(tokenizer, turns):
 
 def chat_family_or_error(family, row, path):
     if family.build_conversation_ids is None:
-        raise DataError(f"{path}:{row.line}: a conversation row needs a chat model (ChatGLM3); the {family.name} "
-                        "family has no chat layout; use text/answer or instruction/output rows")
+        raise DataError(f"{path}:{row.line}: a conversation row needs a chat model (ChatGLM3, GLM-4); the "
+                        f"{family.name} family has no chat layout; use text/answer or instruction/output rows")
 
 
 def encode_training_row(tokenizer, family, row, max_len, max_src_len, path="data"):

@@ -3,8 +3,8 @@
 A family names its model, config and tokenizer classes, the files of its folder, how a training row and a
 generation prompt are laid out in tokens, and the parameter names that the fine-tuning methods touch. The
 scripts ask `family_for(model_dir)` and never look at a model's internals themselves. Families served: ChatGLM-6B,
-ChatGLM2-6B, ChatGLM3-6B. Adding one means writing its layout functions and one `ModelFamily` entry in FAMILIES
-(its `recognise` says which folders are its own).
+ChatGLM2-6B, ChatGLM3-6B, GLM-4-9B (THUDM's folders). Adding one means writing its layout functions and one
+`ModelFamily` entry in FAMILIES (its `recognise` says which folders are its own).
 
 Loading checks the folder first and fails with one line that names the path and what is wrong.
 """
@@ -23,6 +23,7 @@ from modeling_chatglm2 import ChatGLMForConditionalGeneration as ChatGLM2ForCond
 from modeling_chatglm2 import packed_row_inputs as chatglm2_packed_row_inputs
 from tokenization_chatglm import ChatGLMTokenizer
 from tokenization_chatglm2 import ChatGLMTokenizer as ChatGLM2Tokenizer
+from tokenization_glm4 import ChatGLM4Tokenizer
 
 
 class ModelFolderError(ValueError):
@@ -122,7 +123,7 @@ def has_chatglm3_signs(config, model_dir):
 
 def is_chatglm2(config, model_dir):
     return config.get("model_type") == "chatglm" and "padded_vocab_size" in config and \
-        not has_chatglm3_signs(config, model_dir)
+        not has_chatglm3_signs(config, model_dir) and not is_glm4(config, model_dir)
 
 
 CHATGLM2 = ModelFamily(
@@ -136,16 +137,16 @@ CHATGLM2 = ModelFamily(
 
 # ---- ChatGLM3-6B: the chat layout `[gMASK] sop <|user|>\n prompt+text <|assistant|>\n answer eos` ----------------
 
-def chatglm3_conversation_ids(tokenizer, turns):
-    """`[gMASK] sop` and each turn as `<|role|>\n content`, then eos. As in the official fine-tuning, a token is
-    learned when the token before it belongs to an assistant turn: the assistant's metadata line and content, and
-    whatever follows it (the next role token, or eos)."""
+def chatglm3_conversation_ids(tokenizer, turns, end_id=None):
+    """`[gMASK] sop` and each turn as `<|role|>\n content`, then eos (or `end_id`). As in the official fine-tuning,
+    a token is learned when the token before it belongs to an assistant turn: the assistant's metadata line and
+    content, and whatever follows it (the next role token, or the end)."""
     input_ids, after_assistant = glm2_prefix(tokenizer), [False, False]
     for role, content_ids in turns:
         turn = tokenizer.role_header_ids(role) + list(content_ids)
         input_ids += turn
         after_assistant += [role == "assistant"] * len(turn)
-    input_ids.append(tokenizer.eos_token_id)
+    input_ids.append(tokenizer.eos_token_id if end_id is None else end_id)
     labels = [-100] + [t if learned else -100 for t, learned in zip(input_ids[1:], after_assistant)]
     return input_ids, labels
 
@@ -174,7 +175,7 @@ def chatglm3_answer_text(text):
 
 def is_chatglm3(config, model_dir):
     return config.get("model_type") == "chatglm" and "padded_vocab_size" in config and \
-        has_chatglm3_signs(config, model_dir)
+        has_chatglm3_signs(config, model_dir) and not is_glm4(config, model_dir)
 
 
 CHATGLM3 = ModelFamily(
@@ -187,7 +188,44 @@ CHATGLM3 = ModelFamily(
     packed_row_inputs=chatglm2_packed_row_inputs,
 )
 
-FAMILIES = {f.name: f for f in [CHATGLM6B, CHATGLM2, CHATGLM3]}
+
+
+# ---- GLM-4-9B (THUDM's folder): ChatGLM3's model with rope_ratio, a tiktoken BPE, turns ended by <|user|> --------
+
+def glm4_conversation_ids(tokenizer, turns):
+    """ChatGLM3's layout (`[gMASK]<sop>`, each turn `<|role|>\n content`), ended by `<|user|>` as THUDM's GLM-4
+    fine-tuning ends a conversation ("EOS for chat": the chat model stops at the next user turn)."""
+    return chatglm3_conversation_ids(tokenizer, turns, end_id=tokenizer.get_command("<|user|>"))
+
+
+def glm4_training_ids(tokenizer, source_ids, answer_ids):
+    return glm4_conversation_ids(tokenizer, [("user", source_ids), ("assistant", answer_ids)])
+
+
+def is_glm4(config, model_dir):
+    """GLM-4 shares ChatGLM2's config fields; its tokenizer is ChatGLM4Tokenizer (tiktoken), its vocabulary 151,552."""
+    if config.get("model_type") != "chatglm" or "padded_vocab_size" not in config:
+        return False
+    if config.get("padded_vocab_size") == 151552 or "glm-4" in str(config.get("_name_or_path", "")).lower():
+        return True
+    path = os.path.join(model_dir, "tokenizer_config.json")
+    if os.path.isfile(path):
+        with open(path, encoding="utf-8") as f:
+            return "ChatGLM4Tokenizer" in f.read()
+    return False
+
+
+GLM4 = ModelFamily(
+    name="glm4", recognise=is_glm4, config_class=ChatGLM2Config, model_class=ChatGLM2ForConditionalGeneration,
+    tokenizer_class=ChatGLM4Tokenizer, tokenizer_file="tokenizer.model",
+    layers_prefix="transformer.encoder.layers.{}.", prompt_prefix="transformer.prefix_encoder.",
+    lora_target="query_key_value", build_training_ids=glm4_training_ids, build_prompt_ids=chatglm3_prompt_ids,
+    build_conversation_ids=glm4_conversation_ids, build_conversation_prompt=chatglm3_conversation_prompt,
+    stop_tokens=("<|user|>", "<|observation|>"), answer_text=chatglm3_answer_text,
+    packed_row_inputs=chatglm2_packed_row_inputs,
+)
+
+FAMILIES = {f.name: f for f in [CHATGLM6B, CHATGLM2, CHATGLM3, GLM4]}
 
 
 def read_config_json(model_dir):

@@ -225,7 +225,7 @@ def parse_request(body, server):
                if q["role"] == "user" and a["role"] == "assistant"]
     conversation = server.conversation
     prompt_ids = conversation.prompt_ids(talk[-1]["content"], history,
-                                         system if conversation.family.name == "chatglm3" else None)
+                                         system if chat.has_roles(conversation.family) else None)
     max_tokens = body.get("max_tokens") or body.get("max_completion_tokens") or server.max_new_tokens
     if len(prompt_ids) + max_tokens > server.context_length:
         raise BadRequest(f"the prompt ({len(prompt_ids)} tokens) and max_tokens ({max_tokens}) exceed the context "

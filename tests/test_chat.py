@@ -47,7 +47,7 @@ def test_chat_template_ids_equal_the_official_rules(family_model_dirs, family, t
         assert got == expected_chat_ids(tokenizer, family, HISTORY[:turns], "油耗高", system="你是汽修助手")
 
 
-@pytest.mark.parametrize("family", ["chatglm", "chatglm2", "chatglm3"])
+@pytest.mark.parametrize("family", ["chatglm", "chatglm2", "chatglm3", "glm4"])
 def test_task_format_is_predicts_prompt(family_model_dirs, family):
     from chat import task_prompt_ids
     from data_set import Row, encode_prompt

@@ -24,8 +24,9 @@ from modeling_chatglm import ChatGLMForConditionalGeneration, ROPE_BASE  # noqa:
 from modeling_chatglm2 import ChatGLMForConditionalGeneration as ChatGLM2ForConditionalGeneration  # noqa: E402
 from tokenization_chatglm import ChatGLMTokenizer, train_sentencepiece_model  # noqa: E402
 from tokenization_chatglm2 import ChatGLMTokenizer as ChatGLM2Tokenizer  # noqa: E402
+from tokenization_glm4 import SPLIT_PATTERN, ChatGLM4Tokenizer, write_bpe_ranks  # noqa: E402
 
-FAMILIES = ("chatglm", "chatglm2", "chatglm3")
+FAMILIES = ("chatglm", "chatglm2", "chatglm3", "glm4")
 
 DEFAULT_TEXT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data")
 
@@ -47,6 +48,57 @@ def texts_from(paths):
     if not texts:
         raise SystemExit(f"no text found in {', '.join(paths)}")
     return texts
+
+
+def train_bpe_ranks(texts, vocab_size):
+    """A byte-level BPE learned here, as GLM-4's `tokenizer.model` holds one: the 256 bytes, then the most frequent
+    adjacent pair inside the pieces GLM-4's split pattern cuts the text into, merged again and again (ties broken by
+    the bytes, so the result is the same every time) until `vocab_size` tokens."""
+    import heapq
+    from collections import Counter, defaultdict
+
+    import regex
+    pattern = regex.compile(SPLIT_PATTERN)
+    piece_counts = Counter(piece.encode() for text in texts for piece in pattern.findall(text))
+    words = [[bytes([b]) for b in piece] for piece in piece_counts]
+    freqs = list(piece_counts.values())
+    ranks = {bytes([b]): b for b in range(256)}
+    pair_counts, words_with = Counter(), defaultdict(set)
+    for i, word in enumerate(words):
+        for pair in zip(word, word[1:]):
+            pair_counts[pair] += freqs[i]
+            words_with[pair].add(i)
+    heap = [(-count, pair) for pair, count in pair_counts.items()]
+    heapq.heapify(heap)
+    while len(ranks) < vocab_size and heap:
+        count, pair = heapq.heappop(heap)
+        if pair_counts.get(pair, 0) != -count or count == 0:
+            continue  # a stale entry: the pair's count changed since (its current count has an entry of its own)
+        merged = pair[0] + pair[1]
+        ranks.setdefault(merged, len(ranks))
+        changed = set()
+        for i in words_with.pop(pair):
+            word = words[i]
+            for old in zip(word, word[1:]):
+                pair_counts[old] -= freqs[i]
+                changed.add(old)
+            j, out = 0, []
+            while j < len(word):
+                if j + 1 < len(word) and (word[j], word[j + 1]) == pair:
+                    out.append(merged)
+                    j += 2
+                else:
+                    out.append(word[j])
+                    j += 1
+            words[i] = out
+            for new in zip(out, out[1:]):
+                pair_counts[new] += freqs[i]
+                words_with[new].add(i)
+                changed.add(new)
+        pair_counts.pop(pair, None)
+        for changed_pair in changed - {pair}:
+            heapq.heappush(heap, (-pair_counts[changed_pair], changed_pair))
+    return ranks
 
 
 def official_state_dict(model):
@@ -103,6 +155,9 @@ def tokenizer_and_config(family, output_dir, texts, vocab_pieces, num_image_toke
             eos_token_id=tokenizer.eos_token_id, mask_token_id=tokenizer.mask_token_id,
             gmask_token_id=tokenizer.gmask_token_id, pad_token_id=tokenizer.pad_token_id,
             tie_word_embeddings=tie_word_embeddings, architectures=["ChatGLMModel"])
+    if family == "glm4":
+        return glm4_tokenizer_and_config(output_dir, texts, vocab_pieces, num_layers, hidden_size,
+                                         num_attention_heads, inner_hidden_size, max_sequence_length)
     sp_path = os.path.join(output_dir, "tokenizer.model")
     train_sentencepiece_model(texts, sp_path, vocab_size=vocab_pieces, chatglm6b_pieces=False)
     tokenizer = ChatGLM2Tokenizer(sp_path, role_tokens=family == "chatglm3")
@@ -113,6 +168,23 @@ def tokenizer_and_config(family, output_dir, texts, vocab_pieces, num_image_toke
         kv_channels=hidden_size // num_attention_heads, ffn_hidden_size=inner_hidden_size, multi_query_group_num=2,
         seq_length=max_sequence_length, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
         architectures=["ChatGLMModel"])
+
+
+def glm4_tokenizer_and_config(output_dir, texts, vocab_pieces, num_layers, hidden_size, num_attention_heads,
+                              inner_hidden_size, max_sequence_length):
+    """GLM-4-9B-Chat's layout: a tiktoken BPE file, the special tokens after it, three end tokens, rope_ratio 500."""
+    bpe_path = os.path.join(output_dir, "tokenizer.model")
+    write_bpe_ranks(train_bpe_ranks(texts, vocab_pieces), bpe_path)
+    tokenizer = ChatGLM4Tokenizer(bpe_path)
+    tokenizer.save_pretrained(output_dir)
+    command = tokenizer.get_command
+    return ChatGLM2Config(
+        padded_vocab_size=round_up(tokenizer.vocab_size, 64), hidden_size=hidden_size, num_layers=num_layers,
+        num_attention_heads=num_attention_heads, kv_channels=hidden_size // num_attention_heads,
+        ffn_hidden_size=inner_hidden_size, multi_query_group_num=2, seq_length=max_sequence_length,
+        layernorm_epsilon=1.5625e-07, rope_ratio=500, original_rope=True,
+        eos_token_id=[command("<|endoftext|>"), command("<|user|>"), command("<|observation|>")],
+        pad_token_id=command("<|endoftext|>"), architectures=["ChatGLMModel"])
 
 
 def build_tiny_model(output_dir, num_layers=4, hidden_size=128, num_attention_heads=4, inner_hidden_size=512,
@@ -138,7 +210,7 @@ def build_tiny_model(output_dir, num_layers=4, hidden_size=128, num_attention_he
                 parameter.normal_(0.0, embedding_std if head else init_std)
     config.auto_map = OFFICIAL_AUTO_MAP[family]
     config.save_pretrained(output_dir)
-    add_tokenizer_auto_map(output_dir)
+    add_tokenizer_auto_map(output_dir, family)
     save_weights(official_state_dict(model), output_dir, weights_format, shards)
     return output_dir
 
@@ -149,20 +221,22 @@ OFFICIAL_AUTO_MAP = {
                 "AutoModel": "modeling_chatglm.ChatGLMForConditionalGeneration",
                 "AutoModelForSeq2SeqLM": "modeling_chatglm.ChatGLMForConditionalGeneration"},
 }
-OFFICIAL_AUTO_MAP["chatglm2"] = OFFICIAL_AUTO_MAP["chatglm3"] = {
+OFFICIAL_AUTO_MAP["chatglm2"] = OFFICIAL_AUTO_MAP["chatglm3"] = OFFICIAL_AUTO_MAP["glm4"] = {
     "AutoConfig": "configuration_chatglm.ChatGLMConfig",
     "AutoModel": "modeling_chatglm.ChatGLMForConditionalGeneration",
     "AutoModelForCausalLM": "modeling_chatglm.ChatGLMForConditionalGeneration",
     "AutoModelForSeq2SeqLM": "modeling_chatglm.ChatGLMForConditionalGeneration"}
 
 
-def add_tokenizer_auto_map(output_dir):
+def add_tokenizer_auto_map(output_dir, family):
     """tokenizer_config.json names its class as the official folders do, so that AutoTokenizer with
-    trust_remote_code finds tokenization_chatglm.ChatGLMTokenizer in the folder."""
+    trust_remote_code finds tokenization_chatglm.ChatGLMTokenizer (GLM-4: ChatGLM4Tokenizer) in the folder."""
     path = os.path.join(output_dir, "tokenizer_config.json")
     with open(path, encoding="utf-8") as f:
         tokenizer_config = json.load(f)
-    tokenizer_config["auto_map"] = {"AutoTokenizer": ["tokenization_chatglm.ChatGLMTokenizer", None]}
+    name = "ChatGLM4Tokenizer" if family == "glm4" else "ChatGLMTokenizer"
+    tokenizer_config["auto_map"] = {"AutoTokenizer": [f"tokenization_chatglm.{name}", None]}
+    tokenizer_config["tokenizer_class"] = name
     with open(path, "w", encoding="utf-8") as f:
         json.dump(tokenizer_config, f, ensure_ascii=False, indent=2)
 
