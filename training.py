@@ -138,6 +138,9 @@ def build_parser(method):
     train.set_defaults(precision="auto")
     train.add_argument("--log_steps", type=int, default=10)
     train.add_argument("--save_steps", type=int, default=0, help="also save every N steps (0: at epoch ends only)")
+    train.add_argument("--save_epochs", type=int, default=1, help="save at the end of every N-th epoch (0: not at "
+                       "epoch ends; --save_steps and the run's end still save). Many short epochs (a small data "
+                       "set) would otherwise spend more time saving than training")
     train.add_argument("--keep_checkpoints", type=int, default=method.default_keep_checkpoints,
                        help="keep the newest N checkpoints, delete older ones (0: keep all)")
     train.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --output_dir "
@@ -505,8 +508,11 @@ def train(engine, method, family, args, tokenizer, train_set, eval_loader, sampl
                 bar.set_postfix(loss=f"{last_loss:.4f}", lr=f"{record['lr']:.2e}", tok_s=f"{record['tokens_per_s']:.0f}")
                 window_loss.zero_()
                 window_micro, window_tokens, window_start = 0, 0, time.time()
-            if (args.save_steps and progress["step"] % args.save_steps == 0) or at_end:
-                if i + 1 >= batches_per_epoch:  # an epoch end: the next run position is the next epoch's start
+            epoch_end = i + 1 >= batches_per_epoch
+            if (args.save_steps and progress["step"] % args.save_steps == 0) or \
+                    progress["step"] >= total_steps or interrupted or \
+                    (epoch_end and args.save_epochs and (epoch + 1) % args.save_epochs == 0):
+                if epoch_end:  # the next run position is the next epoch's start
                     progress.update(epoch=epoch + 1, batches_done=0)
                 save_and_evaluate(engine, method, args, tokenizer, eval_loader, metrics, progress, device, rank)
             if interrupted:

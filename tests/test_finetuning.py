@@ -176,6 +176,15 @@ def test_bf16_with_checkpointing_grouping_and_eval(tiny_model_dir, tmp_path):
         "checkpoint-3", "checkpoint-6", "latest", "loss_curve.png", "metrics.jsonl", "tensorboard"]
 
 
+def test_save_epochs_saves_every_nth_epoch_end_and_the_last_step(tiny_model_dir, few_rows, tmp_path):
+    out = str(tmp_path / "run")
+    launch("finetuning_lora.py", "--model_dir", tiny_model_dir, "--train_path", few_rows, "--output_dir", out,
+           "--train_batch_size", 2, "--num_train_epochs", 5, "--save_epochs", 2, "--keep_checkpoints", 0,
+           "--prompt_text", "抽取：", "--max_len", 64, "--max_src_len", 48, "--fp32", launcher=False)  # 3 steps an epoch
+    assert sorted(n for n in os.listdir(out) if n.startswith("checkpoint-")) == \
+        ["checkpoint-12", "checkpoint-15", "checkpoint-6"]
+
+
 @pytest.mark.parametrize("content, message", [
     ('{"text": "a", "answer": "b"}\n{"text": "c", "answer": \n', "bad.jsonl:2: not valid JSON"),
     ('{"text": "a", "answer": "b"}\n{"text": "c"}\n', "bad.jsonl:2: row without 'answer'"),
