@@ -48,7 +48,7 @@ def quantized_layers(model):
 
 
 @pytest.mark.parametrize("bits", [8, 4])
-@pytest.mark.parametrize("family", ["chatglm", "chatglm2", "chatglm3"])
+@pytest.mark.parametrize("family", ["chatglm", "chatglm2", "chatglm3", "glm4"])
 def test_quantized_weights_and_scales_equal_the_official_rules(family_model_dirs, family, bits):
     from model_family import load_model
     folder = family_model_dirs[family]
@@ -85,7 +85,7 @@ def prequantized_dirs(family_model_dirs, tmp_path_factory):
     return folders
 
 
-@pytest.mark.parametrize("family", ["chatglm", "chatglm2", "chatglm3"])
+@pytest.mark.parametrize("family", ["chatglm", "chatglm2", "chatglm3", "glm4"])
 def test_a_prequantized_folder_loads_as_quantizing_at_load_time(family_model_dirs, prequantized_dirs, family):
     from model_family import family_for, load_model, load_tokenizer
     folder = prequantized_dirs[family]
