@@ -146,6 +146,7 @@ def load_for_chat(args):
     try:
         if not saved:  # a base model folder
             family = family_for(folder, args.mode)
+            family.check_supports("chat")
             model = load_model(folder, family, dtype=dtype, quantization_bit=args.quantization_bit or 0,
                                bnb_quantization=args.quantization)
             base = folder
@@ -153,6 +154,7 @@ def load_for_chat(args):
             loader = checkpoint_loader(saved["method"])
             base = folder if loader.checkpoint_is_model else args.ori_model_dir or saved.get("model_dir")
             family = family_for(base, args.mode or saved.get("mode"))
+            family.check_supports("chat")
             model = loader.load(base, folder, argparse.Namespace(
                 no_merge=False, quantization_bit=args.quantization_bit, quantization=args.quantization,
                 pre_seq_len=None, prefix_projection=None),

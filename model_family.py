@@ -3,8 +3,9 @@
 A family names its model, config and tokenizer classes, the files of its folder, how a training row and a
 generation prompt are laid out in tokens, and the parameter names that the fine-tuning methods touch. The
 scripts ask `family_for(model_dir)` and never look at a model's internals themselves. Families served: ChatGLM-6B,
-ChatGLM2-6B, ChatGLM3-6B, GLM-4-9B (THUDM's folders). Adding one means writing its layout functions and one
-`ModelFamily` entry in FAMILIES (its `recognise` says which folders are its own).
+ChatGLM2-6B, ChatGLM3-6B, GLM-4-9B (THUDM's folders), and through transformers' own classes glm-4-9b-chat-hf and
+GLM-4-0414. Adding one means writing its layout functions and one `ModelFamily` entry in FAMILIES (its
+`recognise` says which folders are its own).
 
 Loading checks the folder first and fails with one line that names the path and what is wrong.
 """
@@ -14,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
+from transformers import Glm4Config, GlmConfig, PreTrainedTokenizerFast
 
 from configuration_chatglm import ChatGLMConfig
 from configuration_chatglm2 import ChatGLMConfig as ChatGLM2Config
@@ -21,6 +23,7 @@ from modeling_chatglm import ChatGLMForConditionalGeneration
 from modeling_chatglm import packed_row_inputs as chatglm6b_packed_row_inputs
 from modeling_chatglm2 import ChatGLMForConditionalGeneration as ChatGLM2ForConditionalGeneration
 from modeling_chatglm2 import packed_row_inputs as chatglm2_packed_row_inputs
+from modeling_glm_native import Glm4ForSuite, GlmForSuite
 from tokenization_chatglm import ChatGLMTokenizer
 from tokenization_chatglm2 import ChatGLMTokenizer as ChatGLM2Tokenizer
 from tokenization_glm4 import ChatGLM4Tokenizer
@@ -51,9 +54,15 @@ class ModelFamily:
     answer_text: Callable = str.strip  # generated text -> the answer
     # (one row's input_ids, model config) -> (position_ids, bool mask) of the row alone: for packing rows
     packed_row_inputs: Callable = None
+    limits: dict = field(default_factory=dict)  # feature -> why this family does not have it (see NATIVE_LIMITS)
 
     def num_layers(self, config):
-        return config.num_layers
+        return getattr(config, "num_layers", None) or config.num_hidden_layers
+
+    def check_supports(self, feature):
+        """Raise ModelFolderError with the one-line reason when the family lacks `feature`."""
+        if feature in self.limits:
+            raise ModelFolderError(f"{self.name}: {self.limits[feature]}")
 
     def layout_overhead(self, tokenizer):
         """Tokens the layout adds around a source and an answer (for length budgets)."""
@@ -137,26 +146,37 @@ CHATGLM2 = ModelFamily(
 
 # ---- ChatGLM3-6B: the chat layout `[gMASK] sop <|user|>\n prompt+text <|assistant|>\n answer eos` ----------------
 
-def chatglm3_conversation_ids(tokenizer, turns, end_id=None):
-    """`[gMASK] sop` and each turn as `<|role|>\n content`, then eos (or `end_id`). As in the official fine-tuning,
-    a token is learned when the token before it belongs to an assistant turn: the assistant's metadata line and
-    content, and whatever follows it (the next role token, or the end)."""
-    input_ids, after_assistant = glm2_prefix(tokenizer), [False, False]
+def role_turn_ids(prefix, header_of, turns, end_id):
+    """`prefix`, each turn as `header_of(role)` + content, then `end_id`. As in the official fine-tuning, a token is
+    learned when the token before it belongs to an assistant turn: the assistant's metadata line and content, and
+    whatever follows it (the next role token, or the end)."""
+    input_ids, after_assistant = list(prefix), [False] * len(prefix)
     for role, content_ids in turns:
-        turn = tokenizer.role_header_ids(role) + list(content_ids)
+        turn = header_of(role) + list(content_ids)
         input_ids += turn
         after_assistant += [role == "assistant"] * len(turn)
-    input_ids.append(tokenizer.eos_token_id if end_id is None else end_id)
+    input_ids.append(end_id)
     labels = [-100] + [t if learned else -100 for t, learned in zip(input_ids[1:], after_assistant)]
     return input_ids, labels
 
 
-def chatglm3_conversation_prompt(tokenizer, turns):
-    """The turns so far, then `<|assistant|>`: generation writes the metadata line and the answer."""
-    input_ids = glm2_prefix(tokenizer)
+def role_prompt_ids(prefix, header_of, turns, assistant_id):
+    """The turns so far, then the assistant's role token: generation writes the metadata line and the answer."""
+    input_ids = list(prefix)
     for role, content_ids in turns:
-        input_ids += tokenizer.role_header_ids(role) + list(content_ids)
-    return input_ids + [tokenizer.get_command("<|assistant|>")]
+        input_ids += header_of(role) + list(content_ids)
+    return input_ids + [assistant_id]
+
+
+def chatglm3_conversation_ids(tokenizer, turns, end_id=None):
+    """`[gMASK] sop` and each turn as `<|role|>\n content`, then eos (or `end_id`)."""
+    return role_turn_ids(glm2_prefix(tokenizer), tokenizer.role_header_ids, turns,
+                         tokenizer.eos_token_id if end_id is None else end_id)
+
+
+def chatglm3_conversation_prompt(tokenizer, turns):
+    return role_prompt_ids(glm2_prefix(tokenizer), tokenizer.role_header_ids, turns,
+                           tokenizer.get_command("<|assistant|>"))
 
 
 def chatglm3_training_ids(tokenizer, source_ids, answer_ids):
@@ -225,7 +245,75 @@ GLM4 = ModelFamily(
     packed_row_inputs=chatglm2_packed_row_inputs,
 )
 
-FAMILIES = {f.name: f for f in [CHATGLM6B, CHATGLM2, CHATGLM3, GLM4]}
+
+
+# ---- transformers' own GLM classes (glm-4-9b-chat-hf, GLM-4-0414): GLM-4's chat markers, a tokenizer.json -------
+
+def native_token(tokenizer, name):
+    return tokenizer.convert_tokens_to_ids(name)
+
+
+def native_prefix(tokenizer):
+    return [native_token(tokenizer, "[gMASK]"), native_token(tokenizer, "<sop>")]
+
+
+def native_header(tokenizer):
+    newline = tokenizer.encode("\n", add_special_tokens=False)
+    return lambda role: [native_token(tokenizer, f"<|{role}|>")] + newline
+
+
+def native_conversation_ids(tokenizer, turns):
+    """What the tokenizer's chat template writes (`[gMASK]<sop>`, each turn `<|role|>\n content`), ended by
+    `<|user|>` as THUDM's GLM-4 fine-tuning does."""
+    return role_turn_ids(native_prefix(tokenizer), native_header(tokenizer), turns, native_token(tokenizer, "<|user|>"))
+
+
+def native_conversation_prompt(tokenizer, turns):
+    return role_prompt_ids(native_prefix(tokenizer), native_header(tokenizer), turns,
+                           native_token(tokenizer, "<|assistant|>"))
+
+
+def native_training_ids(tokenizer, source_ids, answer_ids):
+    return native_conversation_ids(tokenizer, [("user", source_ids), ("assistant", answer_ids)])
+
+
+def native_prompt_ids(tokenizer, source_ids):
+    return native_conversation_prompt(tokenizer, [("user", source_ids)])
+
+
+def native_packed_row_inputs(input_ids, config):
+    """One row alone: positions from 0 (transformers tells packed rows apart by positions restarting at 0)."""
+    return 0, torch.arange(input_ids.shape[0]), 0
+
+
+# what the suite's own model files do that transformers' classes do not, one line each (checked where used)
+NATIVE_LIMITS = {
+    "p_tuning": "P-Tuning's prefix encoder is part of our model files; transformers' GLM classes have none (use LoRA, "
+                "Freeze or full fine-tuning)",
+    "thudm_quantization": "THUDM's INT8/INT4 format is built into our model files (use --quantization nf4|int8, "
+                          "bitsandbytes)",
+    "static_decoder": "the static-cache decoder steps our model files (predict uses transformers' generate)",
+    "cuda_graphs": "the captured training step is checked on our model files only (not on transformers' GLM classes)",
+    "compile": "compiling transformer blocks is set up for our model files' blocks",
+    "chat": "chat.py and serve.py decode with the static cache of our model files; predict works",
+}
+
+
+def native_family(name, model_type, model_class, config_class):
+    return ModelFamily(
+        name=name, recognise=lambda config, model_dir: config.get("model_type") == model_type,
+        config_class=config_class, model_class=model_class, tokenizer_class=PreTrainedTokenizerFast,
+        tokenizer_file="tokenizer.json", layers_prefix="model.layers.{}.", prompt_prefix="",
+        lora_target="q_proj,k_proj,v_proj", build_training_ids=native_training_ids,
+        build_prompt_ids=native_prompt_ids, build_conversation_ids=native_conversation_ids,
+        build_conversation_prompt=native_conversation_prompt, stop_tokens=("<|user|>", "<|observation|>"),
+        answer_text=chatglm3_answer_text, packed_row_inputs=native_packed_row_inputs, limits=NATIVE_LIMITS)
+
+
+GLM4_HF = native_family("glm4-hf", "glm", GlmForSuite, GlmConfig)
+GLM4_0414 = native_family("glm4-0414", "glm4", Glm4ForSuite, Glm4Config)
+
+FAMILIES = {f.name: f for f in [CHATGLM6B, CHATGLM2, CHATGLM3, GLM4, GLM4_HF, GLM4_0414]}
 
 
 def read_config_json(model_dir):
@@ -297,6 +385,10 @@ def load_model(model_dir, family=None, dtype=torch.float32, quantization_bit=0, 
     from quantization import bnb_quantize_model, check_bits, quantize_model
     family = family or family_for(model_dir)
     check_weight_files(model_dir)
+    if quantization_bit:
+        family.check_supports("thudm_quantization")
+    if config_overrides.get("pre_seq_len"):
+        family.check_supports("p_tuning")
     prequantized = folder_quantization_bit(model_dir)
     if quantization_bit:
         try:

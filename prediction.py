@@ -168,7 +168,7 @@ def generate(model, tokenizer, prompts, max_new_tokens, batch_size, device, stop
         input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
         if decoder == "static":
             new = greedy_decode(model, input_ids, attention_mask, max_new_tokens, stop_ids,
-                                vocab_size=tokenizer.vocab_size)
+                                vocab_size=token_count(tokenizer))
         else:
             new = model.generate(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens,
                                  do_sample=False, eos_token_id=stop_ids, pad_token_id=tokenizer.pad_token_id,
@@ -183,10 +183,15 @@ def generate(model, tokenizer, prompts, max_new_tokens, batch_size, device, stop
     return results
 
 
+def token_count(tokenizer):
+    """Ids that stand for a token: a tokenizer.json's vocab_size leaves out its added (special) tokens."""
+    return max(tokenizer.vocab_size, len(tokenizer))
+
+
 def ids_without_token(model, tokenizer):
     """Output ids beyond the tokenizer's (a padded vocabulary: ChatGLM2/3 have 65,024 outputs for 64,798 tokens)."""
     outputs = model.get_output_embeddings().weight.shape[0]
-    return list(range(tokenizer.vocab_size, outputs)) or None
+    return list(range(token_count(tokenizer), outputs)) or None
 
 
 def auto_batch_size(model, prompts, max_new_tokens, device, rows_on_cpu=16):
@@ -266,6 +271,9 @@ def predict(method, args):
     device = pick_device(args.device)
     dtype = pick_dtype(args.dtype, device)
     family, tokenizer, rows, prompts, model = load_for_prediction(method, args, checkpoint, device, dtype)
+    if args.decoder == "static" and "static_decoder" in family.limits:
+        print(f"{family.name}: {family.limits['static_decoder']}")
+        args.decoder = "generate"
     warn_if_task_looks_wrong(args.task, rows)
     batch_size = args.batch_size or auto_batch_size(model, prompts, args.max_new_tokens, device)
     output_dir = args.output_dir or checkpoint

@@ -167,11 +167,22 @@ def resolve_precision(args):
     return "bf16"
 
 
+def folder_limits(args):
+    """What the model folder's family does not support (model_family.NATIVE_LIMITS), read from its config.json;
+    {} for a folder that cannot be read yet (loading reports that with its own message)."""
+    from model_family import ModelFolderError, family_for
+    try:
+        return family_for(args.model_dir, args.mode).limits
+    except ModelFolderError:
+        return {}
+
+
 def resolve_cuda_graphs(args, device):
     """--cuda_graphs: on by default on a GPU; refused where a captured step cannot work."""
     blocked = ("it needs a GPU" if device.type != "cuda" else
-               "it is not combined with --gradient_checkpointing (not tested together)" if args.gradient_checkpointing else
-               "ZeRO-3 gathers parameters on the host during the step" if args.zero_stage == 3 else None)
+               folder_limits(args).get("cuda_graphs") or
+               ("it is not combined with --gradient_checkpointing (not tested together)" if args.gradient_checkpointing
+                else "ZeRO-3 gathers parameters on the host during the step" if args.zero_stage == 3 else None))
     if args.cuda_graphs and blocked:
         raise SystemExit(f"error: --cuda_graphs cannot be used here: {blocked}")
     return not blocked if args.cuda_graphs is None else args.cuda_graphs
@@ -737,7 +748,9 @@ def run(method, args, rank, world_size, device):
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     model = method.prepare(model, args, family)
-    if args.compile or (args.compile is None and device.type == "cuda"):
+    if args.compile and "compile" in family.limits:
+        raise SystemExit(f"error: --compile: {family.limits['compile']}")
+    if args.compile or (args.compile is None and device.type == "cuda" and "compile" not in family.limits):
         compile_blocks(model)
     trainable, total = count_parameters(model)
     if rank == 0:

@@ -29,10 +29,10 @@ def untied_model_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def family_model_dirs(tiny_model_dir, tmp_path_factory):
     """A tiny folder of each family, by family name (ChatGLM2/3: tokenizer.model with their special tokens; GLM-4: a
-    tiktoken BPE)."""
+    tiktoken BPE; glm4-hf, glm4-0414: transformers' GLM classes with a tokenizer.json)."""
     from tools.make_tiny_model import build_tiny_model
     folders = {"chatglm": tiny_model_dir}
-    for family in ("chatglm2", "chatglm3", "glm4"):
+    for family in ("chatglm2", "chatglm3", "glm4", "glm4-hf", "glm4-0414"):
         folders[family] = build_tiny_model(str(tmp_path_factory.mktemp(family)), num_layers=2, hidden_size=64,
                                            num_attention_heads=4, inner_hidden_size=128, family=family)
     return folders

@@ -1,5 +1,5 @@
-"""Every method on ChatGLM2, ChatGLM3 and GLM-4 tiny folders, through the real deepspeed launcher, then its predict
-script.
+"""Every method on ChatGLM2, ChatGLM3 and GLM-4 tiny folders (THUDM's layout, and transformers' GlmForCausalLM and
+Glm4ForCausalLM), through the real deepspeed launcher, then its predict script.
 
 The family is read from the folder; nothing is passed to say which model it is. ChatGLM3 and GLM-4 also learn
 multi-turn conversation rows (the loss on assistant turns only) and predict their last answer.
@@ -16,9 +16,12 @@ FAMILY_MODES = ["freeze", "pt2", "pt_embedding_only", "lora"]
 RUNS = [(family, mode) for family in ("chatglm2", "chatglm3") for mode in FAMILY_MODES] + \
     [("glm4", mode) for mode in ("freeze", "pt2", "lora")]
 PREDICT = {"freeze": "predict_freeze.py", "pt2": "predict_pt.py", "pt_embedding_only": "predict_pt.py",
-           "lora": "predict_lora.py"}
+           "lora": "predict_lora.py", "full": "predict_full.py"}
 TRAINED_PREFIX = {"freeze": "transformer.encoder.layers.1.", "pt2": "transformer.prefix_encoder.",
                   "pt_embedding_only": "transformer.prefix_encoder."}
+NATIVE = ("glm4-hf", "glm4-0414")  # transformers' classes: no P-Tuning (tests/test_glm_native.py), full instead
+RUNS += [(family, mode) for family in NATIVE for mode in ("freeze", "lora", "full")]
+CONVERSATION_FAMILIES = ("chatglm3", "glm4", "glm4-hf")
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +44,7 @@ def conversation_rows(few_rows, tmp_path_factory):
 def trained_families(family_model_dirs, few_rows, conversation_rows, tmp_path_factory):
     runs = [(family, mode, few_rows, []) for family, mode in RUNS]
     runs += [(family, "lora_conversations", conversation_rows, ["--train_batch_size", 3])
-             for family in ("chatglm3", "glm4")]
+             for family in CONVERSATION_FAMILIES]
     folders, launches = [], []
     for family, mode, rows, extra in runs:
         script, options = MODES[mode.replace("_conversations", "")]
@@ -77,14 +80,16 @@ def test_every_method_learns_and_predicts_on_the_family(trained_families, few_ro
         assert metrics["f1"] >= 0.9, predictions
     with open(os.path.join(out, "latest")) as f:
         checkpoint = os.path.join(out, f.read().strip())
-    assert os.path.isfile(os.path.join(checkpoint, "tokenizer.model"))  # the family's tokenizer travels with it
-    if mode in TRAINED_PREFIX:
+    tokenizer_file = "tokenizer.json" if family in NATIVE else "tokenizer.model"
+    assert os.path.isfile(os.path.join(checkpoint, tokenizer_file))  # the family's tokenizer travels with it
+    prefix = {"freeze": "model.layers.1."}.get(mode) if family in NATIVE else TRAINED_PREFIX.get(mode)
+    if prefix:
         from safetensors.torch import load_file
         names = load_file(os.path.join(checkpoint, "model.safetensors"))
-        assert names and all(k.startswith(TRAINED_PREFIX[mode]) for k in names)
+        assert names and all(k.startswith(prefix) for k in names)
 
 
-@pytest.mark.parametrize("family", ["chatglm3", "glm4"])
+@pytest.mark.parametrize("family", CONVERSATION_FAMILIES)
 def test_chat_families_learn_conversations_and_predict_their_last_answer(trained_families, conversation_rows,
                                                                          tmp_path, family):
     out, _ = trained_families[family, "lora_conversations"]

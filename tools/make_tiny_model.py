@@ -26,7 +26,9 @@ from tokenization_chatglm import ChatGLMTokenizer, train_sentencepiece_model  # 
 from tokenization_chatglm2 import ChatGLMTokenizer as ChatGLM2Tokenizer  # noqa: E402
 from tokenization_glm4 import SPLIT_PATTERN, ChatGLM4Tokenizer, write_bpe_ranks  # noqa: E402
 
-FAMILIES = ("chatglm", "chatglm2", "chatglm3", "glm4")
+FAMILIES = ("chatglm", "chatglm2", "chatglm3", "glm4", "glm4-hf", "glm4-0414")
+# transformers' own GLM classes: config and weights as glm-4-9b-chat-hf / GLM-4-9B-0414 publish them
+NATIVE_CLASSES = {"glm4-hf": ("GlmConfig", "GlmForCausalLM", 10000.0 * 500), "glm4-0414": ("Glm4Config", "Glm4ForCausalLM", 10000.0)}
 
 DEFAULT_TEXT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data")
 
@@ -196,6 +198,10 @@ def build_tiny_model(output_dir, num_layers=4, hidden_size=128, num_attention_he
     os.makedirs(output_dir, exist_ok=True)
     from training import DEFAULT_PROMPT  # the default task instruction is text the tokenizer should know
     texts = texts_from(list(text)) + [DEFAULT_PROMPT] * 10
+    if family in NATIVE_CLASSES:
+        return build_native_tiny_model(output_dir, family, texts, num_layers, hidden_size, num_attention_heads,
+                                       inner_hidden_size, vocab_pieces, max_sequence_length, seed, embedding_std,
+                                       init_std)
     config = tokenizer_and_config(family, output_dir, texts, vocab_pieces, num_image_tokens, num_layers, hidden_size,
                                   num_attention_heads, inner_hidden_size, tie_word_embeddings, max_sequence_length)
     torch.manual_seed(seed)
@@ -212,6 +218,49 @@ def build_tiny_model(output_dir, num_layers=4, hidden_size=128, num_attention_he
     config.save_pretrained(output_dir)
     add_tokenizer_auto_map(output_dir, family)
     save_weights(official_state_dict(model), output_dir, weights_format, shards)
+    return output_dir
+
+
+def native_glm4_tokenizer(texts, vocab_pieces, scratch):
+    """A tokenizer.json as glm-4-9b-chat-hf holds one: GLM-4's byte-level BPE (trained here) converted by
+    transformers' TikTokenConverter, the special tokens after it, GLM-4's chat template."""
+    from transformers import PreTrainedTokenizerFast
+    from transformers.convert_slow_tokenizer import TikTokenConverter
+
+    from tokenization_glm4 import CHAT_TEMPLATE, SPECIAL_TOKENS
+    bpe_path = os.path.join(scratch, "bpe.tiktoken")
+    write_bpe_ranks(train_bpe_ranks(texts, vocab_pieces), bpe_path)
+    backend = TikTokenConverter(vocab_file=bpe_path, pattern=SPLIT_PATTERN).converted()
+    backend.add_special_tokens(SPECIAL_TOKENS)
+    return PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|endoftext|>", pad_token="<|endoftext|>",
+                                   padding_side="left", chat_template=CHAT_TEMPLATE)
+
+
+def build_native_tiny_model(output_dir, family, texts, num_layers, hidden_size, num_attention_heads,
+                            inner_hidden_size, vocab_pieces, max_sequence_length, seed, embedding_std, init_std):
+    import tempfile
+
+    import transformers
+    config_name, model_name, rope_theta = NATIVE_CLASSES[family]
+    with tempfile.TemporaryDirectory() as scratch:
+        tokenizer = native_glm4_tokenizer(texts, vocab_pieces, scratch)
+    tokenizer.save_pretrained(output_dir)
+    special = tokenizer.convert_tokens_to_ids
+    config = getattr(transformers, config_name)(
+        vocab_size=round_up(len(tokenizer), 64), hidden_size=hidden_size, intermediate_size=inner_hidden_size,
+        num_hidden_layers=num_layers, num_attention_heads=num_attention_heads, num_key_value_heads=2,
+        head_dim=hidden_size // num_attention_heads, rms_norm_eps=1.5625e-07, attention_bias=True,
+        max_position_embeddings=max_sequence_length, tie_word_embeddings=False,
+        rope_parameters={"rope_type": "default", "rope_theta": rope_theta, "partial_rotary_factor": 0.5},
+        pad_token_id=special("<|endoftext|>"),
+        eos_token_id=[special("<|endoftext|>"), special("<|user|>"), special("<|observation|>")])
+    torch.manual_seed(seed)
+    model = getattr(transformers, model_name)(config)
+    with torch.no_grad():  # scales like a trained model's (see build_tiny_model)
+        for name, parameter in model.named_parameters():
+            if parameter.ndim == 2:
+                parameter.normal_(0.0, embedding_std if "embed_tokens" in name or "lm_head" in name else init_std)
+    model.save_pretrained(output_dir)
     return output_dir
 
 
