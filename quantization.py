@@ -15,6 +15,8 @@ product rounded once to x's dtype (int8 x fp16 fits a float32 exactly).
 import torch
 
 QUANTIZED_LINEARS = ("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h")
+# the same linears in transformers' GLM classes (bitsandbytes only: THUDM's format is our model files')
+NATIVE_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_up_proj", "down_proj")
 BITS = (4, 8)
 
 
@@ -165,7 +167,7 @@ def quantizable_linears(model, keep=()):
     contain a string of `keep` (Freeze's trained layers)."""
     found = []
     for name, module in model.named_modules():
-        for attribute in QUANTIZED_LINEARS:
+        for attribute in QUANTIZED_LINEARS + NATIVE_LINEARS:
             child = getattr(module, attribute, None)
             full = f"{name}.{attribute}" if name else attribute
             if isinstance(child, torch.nn.Linear) and not any(k in full + "." for k in keep) and ".layers." in f".{full}":
@@ -178,7 +180,10 @@ def quantize_model(model, bits, keep=(), empty=False, device=None):
     pre-quantized state dict fills); returns the model. Modules whose names contain a string of `keep` stay as they
     are. With `device` each weight is quantized there and its quantized layer stays there."""
     check_bits(bits)
-    for parent, attribute, _ in quantizable_linears(model, keep):
+    linears = quantizable_linears(model, keep)
+    if not linears:
+        raise ValueError(f"--quantization {kind}: no block linears found to quantize in {type(model).__name__}")
+    for parent, attribute, _ in linears:
         linear = getattr(parent, attribute)
         if isinstance(linear, QuantizedLinear):
             continue

@@ -94,3 +94,14 @@ def test_thudm_quantization_is_refused_on_a_transformers_class(family_model_dirs
     from model_family import ModelFolderError, load_model
     with pytest.raises(ModelFolderError, match="glm4-hf: THUDM's INT8/INT4 format"):
         load_model(family_model_dirs["glm4-hf"], quantization_bit=4)
+
+
+@pytest.mark.parametrize("family_name", NATIVE)
+def test_bitsandbytes_quantizes_every_block_linear_of_a_transformers_class(family_model_dirs, family_name):
+    import bitsandbytes as bnb
+
+    from model_family import load_model
+    model = load_model(family_model_dirs[family_name], bnb_quantization="nf4")
+    quantized = [n for n, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert len(quantized) == 6 * model.config.num_hidden_layers  # q, k, v, o, gate_up, down
+    assert isinstance(model.lm_head, torch.nn.Linear) and not isinstance(model.lm_head, bnb.nn.Linear4bit)
