@@ -111,7 +111,7 @@ def test_conversation_rows_need_a_chat_family(tokenizers, tmp_path, family):
     path = write_rows(tmp_path, [{"text": "a", "answer": "b"},
                                  {"conversations": [{"role": "user", "content": "大灯"},
                                                     {"role": "assistant", "content": "不亮"}]}])
-    with pytest.raises(DataError, match=rf"rows.jsonl:2: a conversation row needs a chat model \(ChatGLM3\); "
+    with pytest.raises(DataError, match=rf"rows.jsonl:2: a conversation row needs a chat model \(ChatGLM3, GLM-4\); "
                                         rf"the {family} family has no chat layout"):
         Seq2SeqDataset(path, tokenizers[family], FAMILIES[family], 64, 32, log=quiet)
 
