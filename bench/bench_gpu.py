@@ -1,7 +1,8 @@
 """The reference experiment on one GPU: training step time, memory and MFU per method, and prediction time.
 
 A ChatGLM-6B-sized model (the official config: 28 layers, hidden 4096, 32 heads, vocab 130,528) — or with
-`--family chatglm2` a ChatGLM2/3-6B-sized one (28 layers, hidden 4096, ffn 13,696, 2 KV groups, vocab 65,024) — is
+`--family chatglm2` a ChatGLM2/3-6B-sized one (28 layers, hidden 4096, ffn 13,696, 2 KV groups, vocab 65,024), or
+with `--family glm4` a GLM-4-9B-sized one (40 layers, vocab 151,552, otherwise ChatGLM2's shapes) — is
 built with random weights directly on the GPU (speed and memory do not depend on the weights). Batches follow the token
 lengths of the spo training set (bench/spo_lengths.json, made by bench/make_length_profile.py with a tokenizer
 trained on that data), two rows per step as in the reference, through the suite's own method code
@@ -15,6 +16,7 @@ logits; prediction one row at a time.
     python bench/bench_gpu.py --variant lora [--gc] [--reference]   # one training variant, one JSON line
     python bench/bench_gpu.py --predict | --attention             # prediction / attention comparison
     python bench/bench_gpu.py --all --family chatglm2              # the ChatGLM2/3-6B size (LoRA, P-Tuning v2)
+    python bench/bench_gpu.py --all --family glm4                  # the GLM-4-9B size (LoRA, P-Tuning v2)
     python bench/bench_gpu.py --variant lora --step_graphs          # forward+backward replayed as CUDA graphs
     python bench/bench_gpu.py --all --block_graph_variants --skip_predict  # earlier experiment: CUDA-graphed blocks
 
@@ -93,14 +95,26 @@ def load_profile():
 FAMILY = "chatglm"  # --family chatglm2: the ChatGLM2/3-6B size (ChatGLM3-6B has the same shapes)
 # ChatGLM2/3's special token ids in the official tokenizer
 GLM2_IDS = {"gmask": 64790, "sop": 64792, "eos": 2, "pad": 0}
+# GLM-4-9B's (tokenizer.model's BPE ranks, then the special tokens from 151329)
+GLM4_IDS = {"gmask": 151331, "sop": 151333, "user": 151336, "assistant": 151337, "pad": 151329}
+
+
+def glm2_shaped():
+    """ChatGLM2/3 and GLM-4 share the model file (modeling_chatglm2.py)."""
+    return FAMILY in ("chatglm2", "glm4")
 
 
 def official_config(**overrides):
     """The official 6B configuration of the family being measured (the config classes' defaults)."""
-    if FAMILY == "chatglm2":
+    if glm2_shaped():
         from configuration_chatglm2 import ChatGLMConfig
+        if FAMILY == "glm4":  # GLM-4-9B: 40 layers, vocab 151,552, rotary base 10000 x 500; the rest as ChatGLM2
+            overrides = {"num_layers": 40, "padded_vocab_size": 151552, "rope_ratio": 500, "seq_length": 131072,
+                         "layernorm_epsilon": 1.5625e-07, "pad_token_id": GLM4_IDS["pad"], **overrides}
         if TINY:
             overrides.update(hidden_size=64, num_layers=6, num_attention_heads=4, kv_channels=16, ffn_hidden_size=128)
+            if FAMILY == "glm4":
+                overrides.update(padded_vocab_size=65024, pad_token_id=0)
         return ChatGLMConfig(**overrides)  # 28 layers, hidden 4096, ffn 13,696, 2 KV groups, vocab 65,024
     from configuration_chatglm import ChatGLMConfig
     if TINY:
@@ -110,7 +124,7 @@ def official_config(**overrides):
 
 def build_model(config, dtype):
     """A 6B-sized model with random weights, made on the GPU."""
-    if FAMILY == "chatglm2":
+    if glm2_shaped():
         from modeling_chatglm2 import ChatGLMForConditionalGeneration
     else:
         from modeling_chatglm import ChatGLMForConditionalGeneration
@@ -128,6 +142,12 @@ def head_of(model):
 def random_row(config, length, answer):
     """(ids, first labelled position) of one row in the family's layout, random text."""
     context = length - answer
+    if FAMILY == "glm4":  # [gMASK] <sop> <|user|> \n source <|assistant|> \n answer <|user|>
+        vocab = config.padded_vocab_size
+        ids = torch.randint(100, min(151000, vocab - 1), (length,))
+        ids[0], ids[1], ids[2] = GLM4_IDS["gmask"] % vocab, GLM4_IDS["sop"] % vocab, GLM4_IDS["user"] % vocab
+        ids[context - 2], ids[length - 1] = GLM4_IDS["assistant"] % vocab, GLM4_IDS["user"] % vocab
+        return ids, context - 1  # the newline after <|assistant|> is learned
     if FAMILY == "chatglm2":  # [gMASK] sop source answer eos
         ids = torch.randint(100, min(64000, config.padded_vocab_size - 1), (length,))
         ids[0], ids[1], ids[length - 1] = GLM2_IDS["gmask"] % config.padded_vocab_size, \
@@ -386,7 +406,12 @@ def make_prompts(profile, config, rows=50):
     """The test prompts' lengths in the family's layout, random text."""
     prompts = []
     for length in profile["test_prompt_lengths"][:rows]:
-        if FAMILY == "chatglm2":
+        if FAMILY == "glm4":
+            vocab = config.padded_vocab_size
+            ids = torch.randint(100, min(151000, vocab - 1), (length,)).tolist()
+            ids[:3] = [GLM4_IDS["gmask"] % vocab, GLM4_IDS["sop"] % vocab, GLM4_IDS["user"] % vocab]
+            ids[-1] = GLM4_IDS["assistant"] % vocab
+        elif FAMILY == "chatglm2":
             ids = torch.randint(100, 64000, (length,)).tolist()
             ids[:2] = [GLM2_IDS["gmask"], GLM2_IDS["sop"]]
         else:
@@ -483,7 +508,7 @@ def run_attention_comparison(steps=10):
 
 
 def variant_list(cuda_graphs=False):
-    if FAMILY == "chatglm2":  # the issue asks for LoRA and P-Tuning v2 at this size
+    if glm2_shaped():  # the issues ask for LoRA and P-Tuning v2 at these sizes
         variants = [["lora"], ["lora", "--gc"], ["pt2"], ["pt2", "--gc"], ["lora", "--reference"], ["pt2", "--reference"]]
     else:
         variants = []
@@ -549,7 +574,7 @@ def write_report(report, out_dir):
     print(table)
 
 
-MODEL_NAMES = {"chatglm": "ChatGLM-6B", "chatglm2": "ChatGLM2/3-6B"}
+MODEL_NAMES = {"chatglm": "ChatGLM-6B", "chatglm2": "ChatGLM2/3-6B", "glm4": "GLM-4-9B"}
 
 
 def markdown_table(report):
@@ -605,8 +630,9 @@ def main():
     parser.add_argument("--merge", nargs="+", default=None, metavar="JSON", help="merge bench_gpu.json files of "
                         "partial runs into --out")
     parser.add_argument("--tiny", action="store_true", help="a 2-layer model: checks the script, measures nothing")
-    parser.add_argument("--family", choices=["chatglm", "chatglm2"], default="chatglm",
-                        help="ChatGLM-6B, or the ChatGLM2/3-6B size (ChatGLM3-6B has ChatGLM2-6B's shapes)")
+    parser.add_argument("--family", choices=["chatglm", "chatglm2", "glm4"], default="chatglm",
+                        help="ChatGLM-6B, the ChatGLM2/3-6B size (ChatGLM3-6B has ChatGLM2-6B's shapes) or "
+                             "GLM-4-9B's (40 layers, vocab 151,552)")
     parser.add_argument("--bucket", type=int, default=None, help="pad each batch's length up to a multiple of this")
     parser.add_argument("--compile_mode", default=None, choices=["reduce-overhead"],
                         help="torch.compile mode of the blocks (reduce-overhead: CUDA graphs; use with --bucket)")

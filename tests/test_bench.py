@@ -67,3 +67,14 @@ def test_chatglm2_size_variant_runs_and_counts_its_own_layer_weights(tmp_path):
     # q 4096 + k, v 2 x 2 groups x 128, dense 4096 x 4096, SwiGLU 3 x 4096 x 13696: about 6.2e9 with embeddings
     assert bench_gpu.layer_weights(config) == 4096 * (4096 + 512) + 4096 * 4096 + 3 * 4096 * 13696
     assert 6.1e9 < 28 * bench_gpu.layer_weights(config) + 2 * 65024 * 4096 < 6.3e9
+
+
+def test_glm4_rows_are_laid_out_as_the_glm4_family_trains(monkeypatch):
+    monkeypatch.setattr(bench_gpu, "FAMILY", "glm4")
+    config = bench_gpu.official_config()
+    assert (config.num_layers, config.padded_vocab_size, config.rope_ratio) == (40, 151552, 500)
+    ids, first_label = bench_gpu.random_row(config, 30, 8)
+    ids = ids.tolist()
+    g = bench_gpu.GLM4_IDS
+    assert ids[:3] == [g["gmask"], g["sop"], g["user"]] and ids[-1] == g["user"]
+    assert ids[first_label - 1] == g["assistant"]  # learned from the newline after <|assistant|> to the end
