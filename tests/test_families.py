@@ -11,12 +11,12 @@ import pytest
 
 from conftest import MODES, launch, launch_all, memorise_args, metrics_of
 
-# Each launch costs ~25 s of start-up, so each family runs what it adds: ChatGLM3 every mode; ChatGLM2 (the same
-# model code, the plain layout) and GLM-4 (the same model code, rope_ratio, its tokenizer and layout) fewer;
-# transformers' classes (no P-Tuning) Freeze, LoRA and full fine-tuning between them
+# Each launch costs ~25 s of start-up: ChatGLM2 (ChatGLM3's model code, the plain layout) runs two modes; the
+# others every method (transformers' classes have no P-Tuning)
 RUNS = [("chatglm3", mode) for mode in ("freeze", "pt2", "pt_embedding_only", "lora")] + \
-    [("chatglm2", "pt2"), ("chatglm2", "lora"), ("glm4", "freeze"), ("glm4", "pt2"), ("glm4", "lora"),
-     ("glm4-hf", "lora"), ("glm4-0414", "freeze"), ("glm4-0414", "lora"), ("glm4-0414", "full")]
+    [("chatglm2", "pt2"), ("chatglm2", "lora")] + \
+    [("glm4", mode) for mode in ("freeze", "pt2", "lora", "full")] + \
+    [(family, mode) for family in ("glm4-hf", "glm4-0414") for mode in ("freeze", "lora", "full")]
 PREDICT = {"freeze": "predict_freeze.py", "pt2": "predict_pt.py", "pt_embedding_only": "predict_pt.py",
            "lora": "predict_lora.py", "full": "predict_full.py"}
 TRAINED_PREFIX = {"freeze": "transformer.encoder.layers.1.", "pt2": "transformer.prefix_encoder.",
