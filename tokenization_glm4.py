@@ -61,10 +61,12 @@ class ChatGLM4Tokenizer(PreTrainedTokenizer):
         self.special_ids = {name: len(self.ranks) + i for i, name in enumerate(SPECIAL_TOKENS)}
         self.special_names = {i: name for name, i in self.special_ids.items()}
         for key in ("eos_token", "pad_token", "unk_token", "added_tokens_decoder", "extra_special_tokens",
-                    "additional_special_tokens", "chat_template"):
+                    "additional_special_tokens"):
             kwargs.pop(key, None)
+        # the folder's own template (THUDM's also handles tools) when it has one
+        chat_template = kwargs.pop("chat_template", None) or CHAT_TEMPLATE
         super().__init__(eos_token="<|endoftext|>", pad_token="<|endoftext|>", padding_side=padding_side,
-                         clean_up_tokenization_spaces=clean_up_tokenization_spaces, chat_template=CHAT_TEMPLATE,
+                         clean_up_tokenization_spaces=clean_up_tokenization_spaces, chat_template=chat_template,
                          **kwargs)
         # special tokens as transformers' added tokens at their fixed ids: their text inside a message splits out
         # as the token, as with THUDM's tokenizer
