@@ -26,7 +26,8 @@ from checkpoints import latest_checkpoint, saved_training_args
 from prediction import DTYPES, pick_device, pick_dtype
 
 # the official chat() defaults: ChatGLM-6B top_p 0.7, temperature 0.95; ChatGLM2/3 0.8 and 0.8
-SAMPLING_DEFAULTS = {"chatglm": (0.7, 0.95), "chatglm2": (0.8, 0.8), "chatglm3": (0.8, 0.8), "glm4": (0.8, 0.8)}
+SAMPLING_DEFAULTS = {"chatglm": (0.7, 0.95), "chatglm2": (0.8, 0.8), "chatglm3": (0.8, 0.8), "glm4": (0.8, 0.8),
+                     "glm4-hf": (0.8, 0.8), "glm4-0414": (0.8, 0.8)}
 CLEAR, STOP = ("clear", "清空"), ("stop", "退出", "exit", "quit")
 
 
@@ -34,6 +35,11 @@ CLEAR, STOP = ("clear", "清空"), ("stop", "退出", "exit", "quit")
 
 def chat_prompt_ids(tokenizer, family, history, query, system=None):
     """Token ids of the family's official chat template for `history` [(query, response), ...] and `query`."""
+    if family.tokenizer_chat_template:  # transformers' GLM folders: the template their tokenizer carries
+        messages = ([{"role": "system", "content": system}] if system else []) + \
+            [{"role": role, "content": text} for q, r in history for role, text in (("user", q), ("assistant", r))] + \
+            [{"role": "user", "content": query}]
+        return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
     if family.name == "chatglm":  # chat(): the query alone, or rounds counted from 0; [gMASK] <sop> after
         if not history:
             text = query
@@ -56,7 +62,7 @@ def chat_prompt_ids(tokenizer, family, history, query, system=None):
 
 
 def has_roles(family):
-    """A chat family with role tokens (ChatGLM3, GLM-4): system prompts and conversation rows."""
+    """A chat family with role tokens (ChatGLM3, the GLM-4 families): system prompts and conversation rows."""
     return family.build_conversation_prompt is not None
 
 
@@ -146,7 +152,6 @@ def load_for_chat(args):
     try:
         if not saved:  # a base model folder
             family = family_for(folder, args.mode)
-            family.check_supports("chat")
             model = load_model(folder, family, dtype=dtype, quantization_bit=args.quantization_bit or 0,
                                bnb_quantization=args.quantization)
             base = folder
@@ -154,7 +159,6 @@ def load_for_chat(args):
             loader = checkpoint_loader(saved["method"])
             base = folder if loader.checkpoint_is_model else args.ori_model_dir or saved.get("model_dir")
             family = family_for(base, args.mode or saved.get("mode"))
-            family.check_supports("chat")
             model = loader.load(base, folder, argparse.Namespace(
                 no_merge=False, quantization_bit=args.quantization_bit, quantization=args.quantization,
                 pre_seq_len=None, prefix_projection=None),

@@ -55,6 +55,7 @@ class ModelFamily:
     # (one row's input_ids, model config) -> (position_ids, bool mask) of the row alone: for packing rows
     packed_row_inputs: Callable = None
     limits: dict = field(default_factory=dict)  # feature -> why this family does not have it (see NATIVE_LIMITS)
+    tokenizer_chat_template: bool = False  # chat prompts from the tokenizer's apply_chat_template
 
     def num_layers(self, config):
         return getattr(config, "num_layers", None) or config.num_hidden_layers
@@ -292,10 +293,9 @@ NATIVE_LIMITS = {
                 "Freeze or full fine-tuning)",
     "thudm_quantization": "THUDM's INT8/INT4 format is built into our model files (use --quantization nf4|int8, "
                           "bitsandbytes)",
-    "static_decoder": "the static-cache decoder steps our model files (predict uses transformers' generate)",
+    "static_decoder": "the static-cache decoder steps our model files (predict and serve use transformers' cache)",
     "cuda_graphs": "the captured training step is checked on our model files only (not on transformers' GLM classes)",
     "compile": "compiling transformer blocks is set up for our model files' blocks",
-    "chat": "chat.py and serve.py decode with the static cache of our model files; predict works",
 }
 
 
@@ -307,7 +307,8 @@ def native_family(name, model_type, model_class, config_class):
         lora_target="q_proj,k_proj,v_proj", build_training_ids=native_training_ids,
         build_prompt_ids=native_prompt_ids, build_conversation_ids=native_conversation_ids,
         build_conversation_prompt=native_conversation_prompt, stop_tokens=("<|user|>", "<|observation|>"),
-        answer_text=chatglm3_answer_text, packed_row_inputs=native_packed_row_inputs, limits=NATIVE_LIMITS)
+        answer_text=chatglm3_answer_text, packed_row_inputs=native_packed_row_inputs, limits=NATIVE_LIMITS,
+        tokenizer_chat_template=True)
 
 
 GLM4_HF = native_family("glm4-hf", "glm", GlmForSuite, GlmConfig)

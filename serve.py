@@ -77,13 +77,21 @@ class Cohort:
 
     def step(self):
         """One forward for the whole cohort; each live request gets its next token. Returns False when all ended."""
-        inputs = self.model.prepare_inputs_for_generation(self.ids, past_key_values=self.cache,
-                                                          attention_mask=self.mask, use_cache=True)
-        logits = self.model(**inputs).logits[:, -1]
+        logits = self.model(**self.next_inputs()).logits[:, -1]
         tokens = next_tokens(logits, self.requests, self.vocab_size)
         self.ids = torch.cat([self.ids, tokens[:, None]], dim=1)
         self.mask = torch.cat([self.mask, self.mask.new_ones(len(self.requests), 1)], dim=1)
         return self.deliver(tokens.tolist())
+
+    def next_inputs(self):
+        """The tokens the cache has not seen, with what the model needs to place them."""
+        if hasattr(self.model, "decode_step"):  # our model files place left-padded rows themselves
+            return self.model.prepare_inputs_for_generation(self.ids, past_key_values=self.cache,
+                                                            attention_mask=self.mask, use_cache=True)
+        done = self.cache.get_seq_length()  # transformers' classes: positions counted from each row's first token
+        positions = (self.mask.cumsum(-1) - 1).clamp(min=0)
+        return {"input_ids": self.ids[:, done:], "position_ids": positions[:, done:], "attention_mask": self.mask,
+                "past_key_values": self.cache, "use_cache": True}
 
     def deliver(self, tokens):
         for row, (request, token) in enumerate(zip(self.requests, tokens)):
@@ -133,10 +141,12 @@ class GreedyCohort(Cohort):
 class Engine:
     """A thread that starts a cohort from the requests waiting at each step and steps the live cohorts in turn."""
 
-    def __init__(self, model, tokenizer, max_batch=64, gather_idle_s=0.005, gather_busy_s=0.025):
+    def __init__(self, model, tokenizer, max_batch=64, gather_idle_s=0.005, gather_busy_s=0.025, static_decoder=True):
+        from prediction import token_count
         self.model, self.tokenizer, self.max_batch = model, tokenizer, max_batch
         self.gather_idle_s, self.gather_busy_s = gather_idle_s, gather_busy_s
-        self.vocab_size = tokenizer.vocab_size  # a padded output layer's extra ids are never chosen
+        self.static_decoder = static_decoder  # greedy cohorts on it (transformers' GLM classes: transformers' cache)
+        self.vocab_size = token_count(tokenizer)  # a padded output layer's extra ids are never chosen
         self.waiting, self.cohorts, self.pending = queue.Queue(), [], []
         self.cohorts_started = 0  # a statistic (bench/bench_serve.py reports it)
         threading.Thread(target=self.run, daemon=True, name="engine").start()
@@ -173,7 +183,7 @@ class Engine:
         while True:
             arrived = self.take_waiting()
             if arrived:
-                kind = GreedyCohort if all(r.temperature == 0 for r in arrived) else Cohort
+                kind = GreedyCohort if all(r.temperature == 0 for r in arrived) and self.static_decoder else Cohort
                 self.cohorts_started += 1
                 self.cohorts.append(kind(self.model, arrived, self.tokenizer.pad_token_id, self.vocab_size))
             for cohort in list(self.cohorts):
@@ -243,9 +253,9 @@ class Server:
         self.model_name, self.max_new_tokens = model_name, args.max_new_tokens
         self.conversation = chat.Conversation(tokenizer, family, args, saved)
         self.context_length = getattr(model.config, "seq_length", None) or \
-            getattr(model.config, "max_sequence_length", 2048)
+            getattr(model.config, "max_sequence_length", None) or getattr(model.config, "max_position_embeddings", 2048)
         self.stop_ids = family.stop_token_ids(tokenizer)
-        self.engine = Engine(model, tokenizer, args.max_batch)
+        self.engine = Engine(model, tokenizer, args.max_batch, static_decoder="static_decoder" not in family.limits)
         self.tokenizer, self.family = tokenizer, family
 
     def text_of(self, ids):

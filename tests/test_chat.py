@@ -62,7 +62,7 @@ def test_task_format_is_predicts_prompt(family_model_dirs, family):
 def test_streamed_text_equals_the_answer(family_model_dirs):
     from chat import answer, chat_prompt_ids
     from model_family import family_for, load_model, load_tokenizer
-    for family in ("chatglm2", "chatglm3"):
+    for family in ("chatglm2", "chatglm3", "glm4", "glm4-0414"):
         folder = family_model_dirs[family]
         tokenizer, model_family, model = load_tokenizer(folder), family_for(folder), load_model(folder).eval()
         pieces = []

@@ -16,12 +16,21 @@ QUERIES = ["发动机异响", "大灯不亮", "刹车软", "油耗高", "怠速�
 @pytest.fixture(scope="module")
 def server(family_model_dirs):
     """serve.py on a tiny ChatGLM2 base folder (its official chat template), on a free port of its own."""
+    yield from serving(family_model_dirs["chatglm2"])
+
+
+@pytest.fixture(scope="module")
+def native_server(family_model_dirs):
+    """serve.py on a tiny GLM-4-0414 folder: transformers' Glm4ForCausalLM, its tokenizer's chat template."""
+    yield from serving(family_model_dirs["glm4-0414"])
+
+
+def serving(folder):
     httpx = pytest.importorskip("httpx")
     port = free_port()
-    process = subprocess.Popen([sys.executable, os.path.join(ROOT, "serve.py"), "--model_dir",
-                                family_model_dirs["chatglm2"], "--port", str(port), "--model_name", "tiny",
-                                "--max_new_tokens", "24", "--device", "cpu"], cwd=ROOT, stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT, text=True)
+    process = subprocess.Popen([sys.executable, os.path.join(ROOT, "serve.py"), "--model_dir", folder,
+                                "--port", str(port), "--model_name", "tiny", "--max_new_tokens", "24", "--device",
+                                "cpu"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     base = f"http://127.0.0.1:{port}"
     deadline = time.time() + 120
     while time.time() < deadline:
@@ -49,14 +58,27 @@ def ask(base, query, **extra):
 
 def test_models_and_a_greedy_answer_equal_chat_py(server, family_model_dirs, tmp_path):
     assert [m.id for m in client(server).models.list()] == ["tiny"]
-    text, reason = ask(server, QUERIES[0])
+    assert_greedy_answer_equals_chat_py(server, family_model_dirs["chatglm2"], tmp_path)
+
+
+def assert_greedy_answer_equals_chat_py(base, folder, tmp_path):
+    text, reason = ask(base, QUERIES[0])
     assert text and reason in ("stop", "length")
     turns = tmp_path / "turns.jsonl"
     turns.write_text(json.dumps({"query": QUERIES[0]}, ensure_ascii=False) + "\n", encoding="utf-8")
     from conftest import launch
-    result = launch("chat.py", "--model_dir", family_model_dirs["chatglm2"], "--input", turns, "--greedy",
-                    "--max_new_tokens", 24, "--device", "cpu", launcher=False)
+    result = launch("chat.py", "--model_dir", folder, "--input", turns, "--greedy", "--max_new_tokens", 24,
+                    "--device", "cpu", launcher=False)
     assert json.loads(result.stdout.strip().splitlines()[-1])["response"] == text
+
+
+def test_a_transformers_glm_class_serves_greedy_and_sampled_answers(native_server, family_model_dirs, tmp_path):
+    """transformers' cache instead of the static decoder; the prompt is the tokenizer's chat template."""
+    assert_greedy_answer_equals_chat_py(native_server, family_model_dirs["glm4-0414"], tmp_path)
+    reply = client(native_server).chat.completions.create(
+        model="tiny", messages=[{"role": "system", "content": "汽修助手"}, {"role": "user", "content": QUERIES[1]}],
+        temperature=0.8, top_p=0.8)
+    assert reply.choices[0].finish_reason in ("stop", "length")
 
 
 def test_streamed_chunks_add_up_to_the_answer(server):
