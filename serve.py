@@ -16,7 +16,6 @@ and the engine steps every live cohort in turn, so a request never waits for ano
 disconnected request leaves its cohort at once (its row is computed until the cohort ends). An all-greedy cohort
 runs on prediction's static decoder (each step one CUDA graph replay on a GPU); a sampling one on transformers' cache. Bad requests get OpenAI's error JSON with a 4xx status.
 """
-import argparse
 import asyncio
 import json
 import os

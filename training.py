@@ -171,8 +171,10 @@ def folder_limits(args):
     """What the model folder's family does not support (model_family.NATIVE_LIMITS), read from its config.json;
     {} for a folder that cannot be read yet (loading reports that with its own message)."""
     from model_family import ModelFolderError, family_for
+    if not getattr(args, "model_dir", None):
+        return {}
     try:
-        return family_for(args.model_dir, args.mode).limits
+        return family_for(args.model_dir, getattr(args, "mode", None)).limits
     except ModelFolderError:
         return {}
 

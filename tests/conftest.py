@@ -1,7 +1,12 @@
 import os
 import sys
 
-import pytest
+# One thread per process: the tests run two launches at once on CI's two cores, and tiny models gain nothing from a
+# second thread while two processes of two threads each spin against each other (300 tiny steps took 13 s in
+# each of two parallel launches, 2 s with one thread each). Set before torch is imported, here and in every launch.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import pytest  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)

@@ -9,16 +9,19 @@ import os
 
 import pytest
 
-from conftest import MODES, launch, launch_all, memorise_args, metrics_of
+from conftest import MODES, launch_all, memorise_args, metrics_of
 
-# Each launch costs ~25 s of start-up: ChatGLM2 (ChatGLM3's model code, the plain layout) runs two modes; the
-# others every method (transformers' classes have no P-Tuning)
-RUNS = [("chatglm3", mode) for mode in ("freeze", "pt2", "pt_embedding_only", "lora")] + \
-    [("chatglm2", "pt2"), ("chatglm2", "lora")] + \
-    [("glm4", mode) for mode in ("freeze", "pt2", "lora", "full")] + \
-    [(family, mode) for family in ("glm4-hf", "glm4-0414") for mode in ("freeze", "lora", "full")]
-PREDICT = {"freeze": "predict_freeze.py", "pt2": "predict_pt.py", "pt_embedding_only": "predict_pt.py",
-           "lora": "predict_lora.py", "full": "predict_full.py"}
+# Each launch costs ~25 s of start-up (CI's time), so each family runs what it adds: ChatGLM3 every P-Tuning mode;
+# ChatGLM2 (ChatGLM3's model code, the plain layout) LoRA; GLM-4 (the same model code with rope_ratio, its
+# tokenizer and layout) Freeze, P-Tuning v2 and LoRA; transformers' classes (no P-Tuning) share one wrapper, so
+# GLM-4-0414 runs Freeze, LoRA and full fine-tuning and glm-4-9b-chat-hf LoRA. Full fine-tuning of our model files:
+# test_finetuning.py, test_multi_rank.py
+RUNS = [("chatglm3", mode) for mode in ("freeze", "pt2", "pt_embedding_only", "lora")] + [("chatglm2", "lora")] + \
+    [("glm4", mode) for mode in ("freeze", "pt2", "lora")] + [("glm4-hf", "lora")] + \
+    [("glm4-0414", mode) for mode in ("freeze", "lora", "full")]
+PREDICT = {"freeze": ("predict_freeze", "FreezePredict"), "pt2": ("predict_pt", "PTuningPredict"),
+           "pt_embedding_only": ("predict_pt", "PTuningPredict"), "lora": ("predict_lora", "LoRAPredict"),
+           "full": ("predict_full", "FullPredict")}
 TRAINED_PREFIX = {"freeze": "transformer.encoder.layers.1.", "pt2": "transformer.prefix_encoder.",
                   "pt_embedding_only": "transformer.prefix_encoder."}
 NATIVE = ("glm4-hf", "glm4-0414")  # transformers' classes: no P-Tuning (tests/test_glm_native.py)
@@ -60,9 +63,14 @@ def read_metrics(out):
 
 
 def predict(mode, out, rows, tmp_path):
+    """The predict script's own main(), in this process (a new one would spend ~8 s importing)."""
+    import importlib
+
+    from prediction import main
+    module, method = PREDICT[mode.replace("_conversations", "")]
     folder = tmp_path / f"pred-{mode}"
-    launch(PREDICT[mode.replace("_conversations", "")], "--model_dir", out, "--test_path", rows, "--output_dir",
-           folder, "--device", "cpu", "--batch_size", 4, launcher=False)
+    main(getattr(importlib.import_module(module), method)(),
+         ["--model_dir", out, "--test_path", rows, "--output_dir", str(folder), "--device", "cpu", "--batch_size", "4"])
     with open(folder / "metrics.json") as f:
         metrics = json.load(f)
     with open(folder / "predictions.jsonl") as f:

@@ -75,16 +75,14 @@ def test_layouts_follow_the_tokenizers_chat_template(family_model_dirs, family_n
     assert learned == encode("\n") + encode("发动机_部件故障_异响") + [ids[-1]]
 
 
-@pytest.mark.parametrize("script, message", [
-    ("finetuning_pt.py", "P-Tuning's prefix encoder is part of our model files"),
-    ("chat.py", "chat.py and serve.py decode with the static cache of our model files"),
+@pytest.mark.parametrize("script, args, message", [
+    ("finetuning_pt.py", [], "P-Tuning's prefix encoder is part of our model files"),
+    ("finetuning_lora.py", ["--compile"], "--compile: compiling transformer blocks is set up for our model files"),
 ])
-def test_what_only_our_model_files_do_is_refused_in_one_line(family_model_dirs, few_rows, tmp_path, script,
+def test_what_only_our_model_files_do_is_refused_in_one_line(family_model_dirs, few_rows, tmp_path, script, args,
                                                              message):
-    args = ["--model_dir", family_model_dirs["glm4-0414"]]
-    if script.startswith("finetuning"):
-        args += ["--train_path", few_rows, "--output_dir", tmp_path / "out"]
-    result = launch(script, *args, launcher=False, check=False)
+    result = launch(script, "--model_dir", family_model_dirs["glm4-0414"], "--train_path", few_rows,
+                    "--output_dir", tmp_path / "out", *args, launcher=False, check=False)
     assert result.returncode != 0
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and message in errors[0] and "Traceback" not in result.stderr
