@@ -93,7 +93,10 @@ class Printer:
             self.skip = 0
             return
         self.ids += value
-        text = self.text()
+        # a byte-level BPE (GLM-4) can end on part of a character, decoded as U+FFFD until its other bytes come
+        self.show(self.text().rstrip("\ufffd"))
+
+    def show(self, text):
         if text.startswith(self.shown) and len(text) > len(self.shown):
             self.write(text[len(self.shown):])
             self.shown = text
@@ -102,7 +105,7 @@ class Printer:
         return self.family.answer_text(self.tokenizer.decode(self.ids, skip_special_tokens=True))
 
     def end(self):
-        pass
+        self.show(self.text())
 
 
 @torch.no_grad()

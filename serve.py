@@ -339,7 +339,8 @@ async def stream_events(server, request, events, completion_id, created):
                 token, reason = events.get_nowait()
             if token is None:
                 break
-            text = server.text_of(request.generated)
+            # held back: a trailing U+FFFD, part of a character whose other bytes are still to come (GLM-4's BPE)
+            text = server.text_of(request.generated).rstrip("\ufffd")
             if text.startswith(shown) and len(text) > len(shown):
                 yield chunk({"content": text[len(shown):]})
                 shown = text
