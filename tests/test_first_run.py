@@ -158,8 +158,9 @@ def test_a_signalled_launcher_stops_its_ranks_and_a_held_output_folder_is_refuse
 
 def test_ctrl_c_during_prediction_says_how_to_resume(trained, tmp_path):
     out = tmp_path / "pred"
+    # the training rows (hundreds, one at a time): the run must still be going when Ctrl-C comes
     run = Run([sys.executable, os.path.join(ROOT, "predict_lora.py"), "--model_dir", trained["lora"], "--test_path",
-               "data/spo_test.jsonl", "--output_dir", str(out), "--device", "cpu", "--batch_size", 1,
+               "data/spo_train.jsonl", "--output_dir", str(out), "--device", "cpu", "--batch_size", 1,
                "--max_new_tokens", 300])
     try:
         partial = out / "predictions.partial.jsonl"
