@@ -28,7 +28,8 @@ from tokenization_glm4 import SPLIT_PATTERN, ChatGLM4Tokenizer, write_bpe_ranks 
 
 FAMILIES = ("chatglm", "chatglm2", "chatglm3", "glm4", "glm4-hf", "glm4-0414")
 # transformers' own GLM classes: config and weights as glm-4-9b-chat-hf / GLM-4-9B-0414 publish them
-NATIVE_CLASSES = {"glm4-hf": ("GlmConfig", "GlmForCausalLM", 10000.0 * 500), "glm4-0414": ("Glm4Config", "Glm4ForCausalLM", 10000.0)}
+NATIVE_CLASSES = {"glm4-hf": ("GlmConfig", "GlmForCausalLM", 10000.0 * 500),  # (config, model, rope_theta)
+                  "glm4-0414": ("Glm4Config", "Glm4ForCausalLM", 10000.0)}
 
 DEFAULT_TEXT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data")
 
