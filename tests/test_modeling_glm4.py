@@ -1,14 +1,14 @@
-"""GLM-4-9B in THUDM's layout: our ChatGLM2/3 model file with rope_ratio computes what transformers' GlmForCausalLM
-(the port THUDM publishes as glm-4-9b-chat-hf) computes; the tiktoken tokenizer splits text as transformers' own
-conversion of the same file does; the family is recognised from the folder."""
-import glob
+"""GLM-4-9B in THUDM's layout: our ChatGLM2/3 model file with rope_ratio computes what THUDM's own glm-4-9b-chat code
+computes (official.json) and what transformers' GlmForCausalLM (the port THUDM publishes as glm-4-9b-chat-hf)
+computes (golden.json); the tiktoken tokenizer splits text as THUDM's ChatGLM4Tokenizer and transformers' conversion
+of the same file do; the family is recognised from the folder."""
 import json
 import os
 
 import pytest
 import torch
 
-from conftest import FIXTURES, ROOT
+from conftest import FIXTURES
 from modeling_chatglm2 import ChatGLMForConditionalGeneration
 
 FIXTURE = os.path.join(FIXTURES, "glm4", "base")
@@ -41,6 +41,36 @@ def test_matches_transformers_glm_logits_loss_and_greedy_tokens():
     assert generated[0].tolist() == golden["generate_output"]
 
 
+def test_matches_thudm_official_glm4_code():
+    """official.json / official_logits.pt: THUDM's glm-4-9b-chat modeling_chatglm.py run on the same folder and batch
+    (tools/make_glm4_fixtures.py --official_code)."""
+    golden, model = load_fixture()
+    with open(os.path.join(FIXTURE, "official.json")) as f:
+        official = json.load(f)
+    logits, loss, real = batch_logits_and_loss(model, golden)
+    assert (logits - torch.load(os.path.join(FIXTURE, "official_logits.pt"))).abs()[real].max().item() <= 1e-4
+    assert abs(loss - official["loss"]) <= 1e-5
+    assert logits.argmax(-1)[real].tolist() == torch.tensor(official["argmax"])[real].tolist()
+    generated = model.generate(torch.tensor([golden["generate_prompt"]]), max_new_tokens=12, do_sample=False,
+                               eos_token_id=None)
+    assert generated[0].tolist() == official["generate_output"]
+
+
+def test_tokenizer_equals_thudm_official_tokenizer():
+    """The ids THUDM's ChatGLM4Tokenizer gave every data string on this folder's tokenizer.model (a digest of all
+    of them, and the edge cases in full)."""
+    from model_family import load_tokenizer
+    from tools.make_glm4_fixtures import fixture_texts, ids_digest
+    with open(os.path.join(FIXTURE, "official.json")) as f:
+        official = json.load(f)
+    tokenizer, texts = load_tokenizer(FIXTURE), fixture_texts()
+    assert len(texts) == official["texts"]
+    ids = [tokenizer.encode(t, add_special_tokens=False) for t in texts]
+    assert ids[-5:] == official["edge_text_ids"]
+    assert ids_digest(ids) == official["text_ids_sha256"]
+    assert tokenizer.encode(texts[0]) == official["with_special_tokens"]
+
+
 def test_the_fixture_tells_rope_ratio_apart():
     """GLM-4's one change to ChatGLM3's model is the rotary base (10000 x rope_ratio 500): with ChatGLM3's base the
     same weights give other logits, so the comparison above checks it."""
@@ -50,12 +80,8 @@ def test_the_fixture_tells_rope_ratio_apart():
 
 
 def data_texts():
-    texts = []
-    for path in sorted(glob.glob(os.path.join(ROOT, "data", "*.jsonl"))):
-        with open(path, encoding="utf-8") as f:
-            texts += [v for line in f for v in json.loads(line).values() if isinstance(v, str)]
-    return texts + ["Engine at 3000rpm  \n\n  idles", "😀 and 汽车", "  leading spaces", "tab\there\r\nCRLF",
-                    "I'LL say we've 12345678"]
+    from tools.make_glm4_fixtures import fixture_texts
+    return fixture_texts()
 
 
 def test_tokenizer_splits_text_as_transformers_conversion_of_the_same_file(family_model_dirs):

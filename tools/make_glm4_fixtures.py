@@ -9,6 +9,16 @@ weights the way that conversion does (query_key_value split into q/k/v, dense_h_
 statistics, 12 greedy tokens; logits.pt). tests/test_modeling_glm4.py checks our model against it.
 
     python tools/make_glm4_fixtures.py --output_dir tests/fixtures/glm4/base
+
+Second step, THUDM's own code: with `--official_code DIR` (DIR holds THUDM's glm-4-9b-chat folder, or at least its
+configuration_chatglm.py, modeling_chatglm.py and tokenization_chatglm.py), the script loads the fixture folder with
+those files through `trust_remote_code` and writes `official.json` (the golden batch's loss and argmax, 12 greedy
+tokens, and the ids THUDM's ChatGLM4Tokenizer gives every string of `fixture_texts()`) and `official_logits.pt`.
+THUDM's files need the transformers they were written for (4.44), so run this step in a virtual environment of its
+own; it imports nothing of this project but this file:
+
+    python3 -m venv --system-site-packages /tmp/glm4-official && /tmp/glm4-official/bin/pip install transformers==4.44.2
+    /tmp/glm4-official/bin/python tools/make_glm4_fixtures.py --official_code PATH/glm-4-9b-chat
 """
 import argparse
 import json
@@ -83,6 +93,58 @@ def golden_batch(folder):
     return input_ids, labels, mask, prompt
 
 
+def fixture_texts():
+    """Every string value of data/*.jsonl, then a few edge cases of the split pattern (spaces, newlines, emoji)."""
+    import glob
+    texts = []
+    for path in sorted(glob.glob(os.path.join(ROOT, "data", "*.jsonl"))):
+        with open(path, encoding="utf-8") as f:
+            texts += [v for line in f for v in json.loads(line).values() if isinstance(v, str)]
+    return texts + ["Engine at 3000rpm  \n\n  idles", "😀 and 汽车", "  leading spaces", "tab\there\r\nCRLF",
+                    "I'LL say we've 12345678"]
+
+
+def ids_digest(lists_of_ids):
+    import hashlib
+    return hashlib.sha256(json.dumps(lists_of_ids).encode()).hexdigest()
+
+
+def official_fixtures(folder, official_code):
+    """Run THUDM's GLM-4 model and tokenizer files on the fixture folder (see the module's docstring)."""
+    import importlib.util
+    from transformers import AutoModelForCausalLM
+    with open(os.path.join(folder, "golden.json")) as f:
+        golden = json.load(f)
+    with tempfile.TemporaryDirectory() as scratch:
+        for name in os.listdir(folder):
+            shutil.copy(os.path.join(folder, name), scratch)
+        for name in ("configuration_chatglm.py", "modeling_chatglm.py", "tokenization_chatglm.py"):
+            shutil.copy(os.path.join(official_code, name), scratch)
+        model = AutoModelForCausalLM.from_pretrained(scratch, trust_remote_code=True, torch_dtype=torch.float32,
+                                                     attn_implementation="eager").eval()
+        spec = importlib.util.spec_from_file_location("thudm_glm4_tokenizer",
+                                                      os.path.join(scratch, "tokenization_chatglm.py"))
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        tokenizer = module.ChatGLM4Tokenizer.from_pretrained(scratch)
+    with torch.no_grad():
+        out = model(input_ids=torch.tensor(golden["input_ids"]), attention_mask=torch.tensor(golden["attention_mask"]),
+                    labels=torch.tensor(golden["labels"]))
+    generated = model.generate(torch.tensor([golden["generate_prompt"]]), max_new_tokens=12, do_sample=False,
+                               eos_token_id=None)
+    texts = fixture_texts()
+    ids = [tokenizer.encode(t, add_special_tokens=False) for t in texts]
+    torch.save(out.logits.float(), os.path.join(folder, "official_logits.pt"))
+    official = {"computed_by": "THUDM's glm-4-9b-chat modeling_chatglm.py / tokenization_chatglm.py (eager attention, "
+                               "float32, CPU)", "transformers_version": __import__("transformers").__version__,
+                "loss": out.loss.item(), "argmax": out.logits.argmax(-1).tolist(),
+                "generate_output": generated[0].tolist(), "texts": len(texts), "text_ids_sha256": ids_digest(ids),
+                "edge_text_ids": ids[-5:], "with_special_tokens": tokenizer.encode(texts[0])}
+    with open(os.path.join(folder, "official.json"), "w") as f:
+        json.dump(official, f)
+    print(f"THUDM's GLM-4 outputs written to {folder} (loss {out.loss.item():.6f}, {len(texts)} texts tokenized)")
+
+
 def greedy(model, prompt, steps):
     ids = torch.tensor([prompt])
     with torch.no_grad():
@@ -95,7 +157,11 @@ def greedy(model, prompt, steps):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output_dir", default=os.path.join(ROOT, "tests", "fixtures", "glm4", "base"))
+    parser.add_argument("--official_code", default=None,
+                        help="a folder with THUDM's GLM-4 .py files: only run them on the existing fixture folder")
     args = parser.parse_args()
+    if args.official_code:
+        return official_fixtures(args.output_dir, args.official_code)
     from tools.make_tiny_model import build_tiny_model
     with tempfile.TemporaryDirectory() as scratch:
         build_tiny_model(scratch, num_layers=2, hidden_size=64, num_attention_heads=4, inner_hidden_size=96,
