@@ -41,7 +41,8 @@ class StaticKVCache:
         self.batch = len(prompt_lengths)
         self.keys, self.values = {}, {}
         self.prompt_rows = self.prompt_slots = None
-        self.next_slot = None  # [batch] slot each row writes next; None while the prompts go through
+        self.next_slot = None  # [batch] slot each row writes next
+        self.decoding = False  # the model's attention asks: prompt tokens (update) or a decode step (attend)?
         self.visible = self.capacity
         self.flash = False
         self.slot_index = torch.arange(self.capacity, device=prompt_lengths.device)
@@ -52,7 +53,7 @@ class StaticKVCache:
 
     @property
     def attends_decode_step(self):  # the model files ask: past the prompt, attention is the cache's own
-        return self.next_slot is not None
+        return self.decoding
 
     def get_seq_length(self, layer_idx=0):
         return 0  # the model asks only before the prompt's forward
@@ -70,6 +71,7 @@ class StaticKVCache:
     def start_decoding(self):
         self.prompt_rows = self.prompt_slots = None
         self.next_slot = self.leading + self.prompt_lengths
+        self.decoding = True
 
     def update(self, key, value, layer_idx, cache_kwargs=None):
         if layer_idx not in self.keys:
@@ -155,6 +157,95 @@ class StaticDecoder:
         self.step_index += 1
         self.cache.next_slot += 1
         self.generated.index_copy_(1, self.step_index, self.tokens)
+
+
+class SlotDecoder:
+    """Continuous batching for serve.py: a fixed set of rows (slots) of one static cache that requests enter and
+    leave between decode steps. Every step decodes all slots at once (an empty slot computes garbage nobody reads:
+    a decode step is bound by reading the weights, so the batch is nearly free), with the same shapes each time, so
+    on a GPU it is one CUDA graph replay per number of visible cache slots.
+
+    `admit` runs the new prompts' forward into free slots (their keys without padding, as StaticDecoder.prefill)
+    and returns their next-token logits; `step` feeds each slot's last token. Each row's positions are its own: the
+    model's `decode_position_ids` at steps 0 and 1 give a start and an increment (both model files' positions grow
+    linearly with the step). `logits` keeps the last step's logits [slots, vocab] for the rows that sample."""
+
+    def __init__(self, model, slots, capacity, vocab_size):
+        device = next(model.parameters()).device
+        self.model, self.slots, self.vocab_size = model, slots, vocab_size
+        self.leading = leading_keys(model)
+        self.cache = StaticKVCache(self.leading + capacity, torch.zeros(slots, dtype=torch.long, device=device),
+                                   self.leading)
+        self.cache.next_slot = torch.zeros(slots, dtype=torch.long, device=device)
+        self.live = torch.zeros(slots, dtype=torch.long, device=device)  # an empty row stays on its slot 0: reads 1 key
+        self.tokens = torch.zeros(slots, 1, dtype=torch.long, device=device)
+        self.logits = torch.zeros(slots, vocab_size, device=device)
+        self.steps = torch.zeros(slots, dtype=torch.long, device=device)
+        self.start_positions = self.position_increments = None  # shaped by the first admission
+        self.graphs = CapturedSteps(self.step) if device.type == "cuda" else None
+
+    @property
+    def longest_row(self):
+        """Cache slots a row may fill: its prompt, its answer and any leading keys."""
+        return self.cache.capacity - 1 - self.leading
+
+    @staticmethod
+    def bytes_per_token(config, dtype_bytes=2):
+        """Cache bytes one token takes in every layer (keys and values), from the model's configuration."""
+        heads = config.num_attention_heads
+        kv_heads = getattr(config, "multi_query_group_num", None) or heads
+        head_dim = getattr(config, "kv_channels", None) or config.hidden_size // heads
+        return 2 * config.num_layers * kv_heads * head_dim * dtype_bytes
+
+    def admit(self, rows, prompts):
+        """Run `prompts` (lists of ids) into the free slots `rows`; returns their next-token logits [n, vocab]."""
+        from prediction import left_pad
+        device = self.tokens.device
+        ids, mask = (t.to(device) for t in left_pad(prompts, 0))
+        index = torch.tensor(rows, device=device)
+        lengths = mask.sum(dim=1)
+        cache = self.cache
+        cache.prompt_lengths[index] = lengths
+        cache.set_prompt_rows(index, ids.shape[1])
+        cache.decoding = False
+        try:
+            logits = self.model(input_ids=ids, attention_mask=mask, past_key_values=cache, use_cache=True,
+                                logits_to_keep=1).logits[:, -1, :self.vocab_size].float()
+        finally:
+            cache.decoding, cache.prompt_rows, cache.prompt_slots = True, None, None
+        cache.next_slot[index] = self.leading + lengths
+        start = self.model.decode_position_ids(ids, mask, torch.zeros(1, dtype=torch.long, device=device))
+        increment = self.model.decode_position_ids(ids, mask, torch.ones(1, dtype=torch.long, device=device)) - start
+        if self.start_positions is None:
+            self.start_positions = start.new_zeros((self.slots, *start.shape[1:]))
+            self.position_increments = start.new_zeros((self.slots, *start.shape[1:]))
+        self.start_positions[index], self.position_increments[index] = start, increment
+        self.steps[index] = 0
+        self.live[index] = 1
+        self.tokens[index] = logits.argmax(-1, keepdim=True)
+        return logits
+
+    def release(self, rows):
+        """Rows whose request ended: they go on being computed, on one key, until a prompt takes them."""
+        index = torch.tensor(rows, device=self.tokens.device)
+        self.live[index] = 0
+        self.cache.next_slot[index] = 0
+
+    def step(self):
+        """One decode step for every slot: shapes and memory never change (for a given number of visible slots)."""
+        steps = self.steps.view(-1, *[1] * (self.start_positions.dim() - 1))
+        positions = self.start_positions + self.position_increments * steps
+        logits = self.model.decode_step(self.tokens, positions, self.cache)[:, :self.vocab_size]
+        self.logits.copy_(logits)
+        self.tokens.copy_(logits.argmax(-1, keepdim=True))
+        self.steps += 1
+        self.cache.next_slot.add_(self.live)
+
+    def run_step(self, visible):
+        """`step`, as a CUDA graph on a GPU; `visible`: cache slots attention reads without flash attention."""
+        if not self.cache.flash:
+            self.cache.visible = min(round_up(visible, 64), self.cache.capacity)
+        self.graphs.run(self.cache.visible) if self.graphs else self.step()
 
 
 def finished(generated, done_steps, stop_ids):

@@ -10,11 +10,13 @@ GET /health. The prompt format is chat.py's default for the folder: a checkpoint
 assistant messages as history). `"temperature": 0` means greedy; otherwise top_p / temperature / max_tokens as sent
 (the family's official defaults when absent).
 
-Concurrent requests are generated together. The engine keeps cohorts: the requests that arrived while the previous
-step ran start together as one batch (one prompt forward, then one decode step per token for the whole batch),
-and the engine steps every live cohort in turn, so a request never waits for another to finish; a finished or
-disconnected request leaves its cohort at once (its row is computed until the cohort ends). An all-greedy cohort
-runs on prediction's static decoder (each step one CUDA graph replay on a GPU); a sampling one on transformers' cache. Bad requests get OpenAI's error JSON with a 4xx status.
+Concurrent requests are generated together (continuous batching): on the model files (ChatGLM-6B, ChatGLM2/3,
+GLM-4 in THUDM's layout) all requests share the rows of one static cache (decoding.SlotDecoder); a request takes a
+free row as soon as it arrives, every decode step serves all rows at once (one CUDA graph replay on a GPU), and a
+request that ends or whose client hangs up frees its row at once. Greedy and sampling requests share the rows.
+transformers' GLM classes, and requests longer than a row (--slot_tokens), run in cohorts on transformers' cache:
+the requests that arrive together, stepped in turn with the other cohorts. Bad requests get OpenAI's error JSON
+with a 4xx status.
 """
 import asyncio
 import json
@@ -94,101 +96,174 @@ class Cohort:
 
     def deliver(self, tokens):
         for row, (request, token) in enumerate(zip(self.requests, tokens)):
-            if not self.live[row]:
-                continue
-            if request.cancelled:
-                self.live[row] = False
-            elif token in request.stop_ids:
-                self.live[row] = False
-                request.emit(None, "stop")
-            else:
-                request.generated.append(token)
-                request.emit(token, None)
-                if len(request.generated) >= request.max_tokens:
-                    self.live[row] = False
-                    request.emit(None, "length")
+            if self.live[row]:
+                self.live[row] = deliver_token(request, token)
         return any(self.live)
 
 
-class GreedyCohort(Cohort):
-    """An all-greedy cohort on prediction's static decoder (decoding.py): a preallocated cache that each row reads
-    without padding, and on a GPU every step one CUDA graph replay."""
+class Slots:
+    """The requests on the engine's SlotDecoder (decoding.py): continuous batching. A request takes a free row as
+    soon as it arrives (its prompt's forward, with the others that arrived in the same step), gets one token per
+    decode step of the whole set, and frees its row when it ends or its client leaves."""
 
-    def __init__(self, model, requests, pad_id, vocab_size):
-        from decoding import CapturedSteps, StaticDecoder
-        super().__init__(model, requests, pad_id, vocab_size)
-        self.steps = max(r.max_tokens for r in requests) + 1  # + the stop token
-        self.decoder = StaticDecoder(model, self.ids, self.mask, self.steps, vocab_size)
-        self.graphs = CapturedSteps(self.decoder.step) if self.ids.is_cuda else None
-        self.done = 0
+    def __init__(self, decoder):
+        self.decoder = decoder
+        self.requests = [None] * decoder.slots
+        self.filled = [0] * decoder.slots  # cache slots each row has written (host copy: no sync to read it)
+        self.most_live = 0  # a statistic (bench/bench_serve.py reports it)
+
+    def free_rows(self):
+        return [row for row, request in enumerate(self.requests) if request is None]
+
+    def fits(self, request):
+        return len(request.prompt_ids) + request.max_tokens + 1 <= self.decoder.longest_row
+
+    def live(self):
+        return sum(r is not None for r in self.requests)
+
+    def admit(self, requests):
+        rows = self.free_rows()[:len(requests)]
+        logits = self.decoder.admit(rows, [r.prompt_ids for r in requests])
+        for row, request in zip(rows, requests):
+            self.requests[row] = request
+            self.filled[row] = self.decoder.leading + len(request.prompt_ids)
+        self.deliver(rows, logits)
 
     def step(self):
-        from data_set import round_up
-        cache = self.decoder.cache
-        if self.done == 0:
-            self.decoder.prefill()
+        rows = [row for row, request in enumerate(self.requests) if request is not None]
+        self.most_live = max(self.most_live, len(rows))
+        self.decoder.run_step(max(self.filled[row] for row in rows) + 1)
+        if self.decoder.tokens.is_cuda:  # wait with the GIL released: the HTTP side runs meanwhile
+            torch.cuda.current_stream().synchronize()
+        for row in rows:
+            self.filled[row] += 1
+        self.deliver(rows, self.decoder.logits[rows])
+
+    def deliver(self, rows, logits):
+        """Each row's next token (sampled where its request samples; the decoder fed greedy ones already) to its
+        request; rows whose request ended are freed."""
+        requests = [self.requests[row] for row in rows]
+        if any(r.temperature for r in requests):
+            tokens = next_tokens(logits, requests, self.decoder.vocab_size)
+            self.decoder.tokens[rows] = tokens[:, None].to(self.decoder.tokens.device)
         else:
-            if not cache.flash:  # attention reads the slots the longest row has written, rounded up
-                longest = cache.leading + int(self.decoder.prompt_lengths.max())
-                cache.visible = min(round_up(longest + self.done, 64), cache.capacity)
-            self.graphs.run(cache.visible) if self.graphs else self.decoder.step()
-        self.done += 1
-        alive = self.deliver(self.decoder.tokens[:, 0].tolist())
-        return alive and self.done < self.steps
+            tokens = self.decoder.tokens[rows, 0]
+        ended = [row for row, request, token in zip(rows, requests, tokens.tolist())
+                 if not deliver_token(request, token)]
+        for row in ended:
+            self.requests[row] = None
+        if ended:
+            self.decoder.release(ended)
+
+
+def deliver_token(request, token):
+    """Hands one new token to a request; False once the request has ended (stop token, length, cancelled)."""
+    if request.cancelled:
+        return False
+    if token in request.stop_ids:
+        request.emit(None, "stop")
+        return False
+    request.generated.append(token)
+    request.emit(token, None)
+    if len(request.generated) >= request.max_tokens:
+        request.emit(None, "length")
+        return False
+    return True
 
 
 class Engine:
-    """A thread that starts a cohort from the requests waiting at each step and steps the live cohorts in turn."""
+    """A thread that admits waiting requests and steps them: on the model files' static decoder all requests share
+    one set of slots (continuous batching); transformers' GLM classes, and a request longer than a slot, run in
+    cohorts on transformers' cache (the requests that arrive together, stepped in turn with the other cohorts)."""
 
-    def __init__(self, model, tokenizer, max_batch=64, gather_idle_s=0.005, gather_busy_s=0.025, static_decoder=True):
+    def __init__(self, model, tokenizer, max_batch=64, gather_idle_s=0.005, gather_busy_s=0.005,
+                 static_decoder=True, slot_tokens=2048):
         from prediction import token_count
         self.model, self.tokenizer, self.max_batch = model, tokenizer, max_batch
         self.gather_idle_s, self.gather_busy_s = gather_idle_s, gather_busy_s
-        self.static_decoder = static_decoder  # greedy cohorts on it (transformers' GLM classes: transformers' cache)
         self.vocab_size = token_count(tokenizer)  # a padded output layer's extra ids are never chosen
+        self.slots = Slots(self.slot_decoder(max_batch, slot_tokens)) if static_decoder else None
         self.waiting, self.cohorts, self.pending = queue.Queue(), [], []
         self.cohorts_started = 0  # a statistic (bench/bench_serve.py reports it)
         threading.Thread(target=self.run, daemon=True, name="engine").start()
 
+    def slot_decoder(self, max_batch, slot_tokens):
+        """As many slots as --max_batch asks, fewer where their cache would take over half the free GPU memory."""
+        from decoding import SlotDecoder
+        element = self.model.get_input_embeddings().weight.element_size()
+        per_slot = slot_tokens * SlotDecoder.bytes_per_token(self.model.config, element)
+        slots = max_batch
+        device = next(self.model.parameters()).device
+        if device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(device)
+            slots = max(1, min(max_batch, int(0.5 * free // per_slot)))
+        print(f"continuous batching: {slots} slots of {slot_tokens} tokens ({slots * per_slot / 2 ** 30:.2f} GiB "
+              f"of cache)", flush=True)
+        return SlotDecoder(self.model, slots, slot_tokens, self.vocab_size)
+
     def active(self):
         """Requests being generated now (a statistic: read without the engine's lock)."""
-        return sum(sum(c.live) for c in list(self.cohorts)) + self.waiting.qsize() + len(self.pending)
+        slotted = self.slots.live() if self.slots else 0
+        return slotted + sum(sum(c.live) for c in list(self.cohorts)) + self.waiting.qsize() + len(self.pending)
 
     def submit(self, request):
         self.waiting.put(request)
 
     def take_waiting(self):
-        """The requests that start a cohort now, or []. A request waits a little for others to join it: 5 ms when the
-        engine is idle, 25 ms while cohorts are running (each extra cohort is one more forward per round, so clients
-        that arrive a few milliseconds apart had better share one)."""
+        """The requests that start now, or []. A request waits a little (5 ms) for others to join it, so that
+        clients that arrive together share one prompt forward."""
         try:
             while True:
-                self.pending.append((time.perf_counter(), self.waiting.get(block=not self.cohorts and not self.pending)))
+                busy = self.cohorts or self.pending or (self.slots and self.slots.live())
+                self.pending.append((time.perf_counter(), self.waiting.get(block=not busy)))
         except queue.Empty:
             pass
         self.pending = [(t, r) for t, r in self.pending if not r.cancelled]
         if not self.pending:
             return []
+        busy = self.cohorts or (self.slots and self.slots.live())
         waited = time.perf_counter() - self.pending[0][0]
-        if waited < (self.gather_busy_s if self.cohorts else self.gather_idle_s) and len(self.pending) < self.max_batch:
-            if not self.cohorts:
+        if waited < (self.gather_busy_s if busy else self.gather_idle_s) and len(self.pending) < self.max_batch:
+            if not busy:
                 time.sleep(0.001)
             return []
         taken, self.pending = self.pending[:self.max_batch], self.pending[self.max_batch:]
         return [r for _, r in taken]
 
+    def start(self, arrived):
+        """Slots for the requests that fit while rows are free; a cohort for the rest."""
+        if self.slots:
+            free = len(self.slots.free_rows())
+            slotted = [r for r in arrived if self.slots.fits(r)][:free]
+            if slotted:
+                self.slots.admit(slotted)
+            arrived = [r for r in arrived if r not in slotted]
+            if any(self.slots.fits(r) for r in arrived):  # no row free: wait for one
+                self.pending = [(time.perf_counter(), r) for r in arrived if self.slots.fits(r)] + self.pending
+                arrived = [r for r in arrived if not self.slots.fits(r)]
+        if arrived:
+            self.cohorts_started += 1
+            self.cohorts.append(Cohort(self.model, arrived, self.tokenizer.pad_token_id, self.vocab_size))
+
     @torch.no_grad()
     def run(self):
         while True:
             arrived = self.take_waiting()
-            if arrived:
-                kind = GreedyCohort if all(r.temperature == 0 for r in arrived) and self.static_decoder else Cohort
-                self.cohorts_started += 1
-                self.cohorts.append(kind(self.model, arrived, self.tokenizer.pad_token_id, self.vocab_size))
+            try:
+                if arrived:
+                    self.start(arrived)
+                if self.slots and self.slots.live():
+                    self.slots.step()
+            except Exception as err:  # a failed step ends the slots' requests with the reason, the server goes on
+                for row, request in enumerate(self.slots.requests if self.slots else []):
+                    if request is not None:
+                        request.emit(None, f"error: {err}")
+                        self.slots.requests[row] = None
+                        self.slots.decoder.release([row])
             for cohort in list(self.cohorts):
                 try:
                     alive = cohort.step()
-                except Exception as err:  # a failed step ends its requests with the reason, the server goes on
+                except Exception as err:
                     for request in cohort.requests:
                         request.emit(None, f"error: {err}")
                     alive = False
@@ -254,7 +329,8 @@ class Server:
         self.context_length = getattr(model.config, "seq_length", None) or \
             getattr(model.config, "max_sequence_length", None) or getattr(model.config, "max_position_embeddings", 2048)
         self.stop_ids = family.stop_token_ids(tokenizer)
-        self.engine = Engine(model, tokenizer, args.max_batch, static_decoder="static_decoder" not in family.limits)
+        self.engine = Engine(model, tokenizer, args.max_batch, static_decoder="static_decoder" not in family.limits,
+                             slot_tokens=min(args.slot_tokens, self.context_length))
         self.tokenizer, self.family = tokenizer, family
 
     def text_of(self, ids):
@@ -364,7 +440,12 @@ def build_parser():
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--model_name", default=None, help="the id clients send (default: the folder's name)")
-    parser.add_argument("--max_batch", type=int, default=64, help="most requests that start together")
+    parser.add_argument("--max_batch", type=int, default=64,
+                        help="most requests generated at once (the continuous batch's rows; fewer on a GPU where "
+                             "their cache would take over half the free memory)")
+    parser.add_argument("--slot_tokens", type=int, default=2048,
+                        help="prompt + answer tokens one row of the continuous batch holds; a longer request runs "
+                             "on transformers' cache beside it")
     return parser
 
 

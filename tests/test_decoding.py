@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from decoding import StaticKVCache, greedy_decode
+from decoding import SlotDecoder, StaticKVCache, greedy_decode
 from model_family import family_for, load_model, load_tokenizer
 from prediction import left_pad
 
@@ -34,6 +34,66 @@ def test_static_decoding_equals_generate(family_model_dirs, untied_model_dir, fa
     assert grouped.tolist() == expected.tolist()
     assert greedy_decode(model, input_ids, attention_mask, 12, stop_ids=[], prefill_rows=2).tolist() == expected.tolist()
     assert len(set(got[1].tolist())) > 3  # informative: not one token repeated
+
+
+def slot_decode(model, prompts, joins, new_tokens, slots):
+    """serve.py's continuous batching: at each step the live rows decode one token, then prompt i enters a free slot
+    at step joins[i] (its first token from its prompt's forward); a row with `new_tokens` tokens frees its slot."""
+    vocab = getattr(model.config, "padded_vocab_size", None) or model.config.vocab_size
+    decoder = SlotDecoder(model, slots, capacity=64, vocab_size=vocab)
+    owner, answers = [None] * slots, [[] for _ in prompts]
+
+    def take(row):
+        answers[owner[row]].append(decoder.tokens[row, 0].item())
+        if len(answers[owner[row]]) == new_tokens:
+            owner[row] = None
+            decoder.release([row])
+    for step in range(max(joins) + new_tokens):
+        live = [r for r in range(slots) if owner[r] is not None]
+        if live:
+            decoder.run_step(64)
+            for row in live:
+                take(row)
+        entering = [i for i, j in enumerate(joins) if j == step]
+        rows = [r for r in range(slots) if owner[r] is None][:len(entering)]
+        assert len(rows) == len(entering), "the test's schedule needs a free slot"
+        if entering:
+            decoder.admit(rows, [prompts[i] for i in entering])
+            for row, i in zip(rows, entering):
+                owner[row] = i
+                take(row)
+    return answers
+
+
+@pytest.mark.parametrize("mode", ["plain", "prefix", "embedding_only"])
+@pytest.mark.parametrize("family", ["chatglm", "chatglm2", "glm4"])
+def test_slot_decoder_rows_that_enter_and_leave_mid_way_decode_as_generate(family_model_dirs, untied_model_dir,
+                                                                             family, mode):
+    folder = untied_model_dir if family == "chatglm" else family_model_dirs[family]
+    torch.manual_seed(0)
+    model = load_model(folder, **PROMPT_MODES[mode]).eval()
+    family_, tokenizer = family_for(folder), load_tokenizer(folder)
+    texts = TEXTS + ["怠速抖动", "空调不制冷，风量小"]
+    prompts = [family_.build_prompt_ids(tokenizer, tokenizer.encode(t, add_special_tokens=False)) for t in texts]
+    expected = [model.generate(input_ids=torch.tensor([p]), max_new_tokens=6, do_sample=False, eos_token_id=None,
+                               pad_token_id=0)[0, len(p):].tolist() for p in prompts]
+    # three slots for five prompts: two enter together at step 0, one at step 2, and the last two wait for freed rows
+    with torch.no_grad():
+        got = slot_decode(model, prompts, joins=[0, 0, 2, 6, 7], new_tokens=6, slots=3)
+    assert got == expected
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("family", ["chatglm", "chatglm2"])
+def test_slot_decoder_replays_cuda_graphs_as_generate_on_the_gpu(family_model_dirs, untied_model_dir, family):
+    folder = untied_model_dir if family == "chatglm" else family_model_dirs[family]
+    model = load_model(folder, pre_seq_len=3).cuda().eval()
+    family_, tokenizer = family_for(folder), load_tokenizer(folder)
+    prompts = [family_.build_prompt_ids(tokenizer, tokenizer.encode(t, add_special_tokens=False)) for t in TEXTS]
+    expected = [model.generate(input_ids=torch.tensor([p]).cuda(), max_new_tokens=6, do_sample=False,
+                               eos_token_id=None, pad_token_id=0)[0, len(p):].tolist() for p in prompts]
+    with torch.no_grad():
+        assert slot_decode(model, prompts, joins=[0, 1, 6], new_tokens=6, slots=2) == expected
 
 
 def test_unmerged_lora_decodes_like_generate(untied_model_dir):

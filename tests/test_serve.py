@@ -51,8 +51,9 @@ def client(base):
 
 
 def ask(base, query, **extra):
+    extra.setdefault("temperature", 0)
     reply = client(base).chat.completions.create(model="tiny", messages=[{"role": "user", "content": query}],
-                                                 temperature=0, **extra)
+                                                 **extra)
     return reply.choices[0].message.content, reply.choices[0].finish_reason
 
 
@@ -93,17 +94,24 @@ def test_streamed_chunks_add_up_to_the_answer(server):
 
 
 def test_eight_concurrent_clients_get_their_one_at_a_time_answers(server):
+    """Eight greedy clients arriving 20 ms apart (later ones join the running batch) beside two sampling ones."""
     alone = [ask(server, q)[0] for q in QUERIES]
-    together = [None] * len(QUERIES)
+    together, sampled = [None] * len(QUERIES), [None] * 2
 
     def one(i):
+        time.sleep(0.02 * i)
         together[i] = ask(server, QUERIES[i])[0]
-    threads = [threading.Thread(target=one, args=(i,)) for i in range(len(QUERIES))]
+
+    def sampling(i):
+        sampled[i] = ask(server, QUERIES[i], temperature=0.9, top_p=0.9)
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(len(QUERIES))] + \
+        [threading.Thread(target=sampling, args=(i,)) for i in range(2)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
     assert together == alone and len(set(alone)) > 1
+    assert all(reason in ("stop", "length") for _, reason in sampled)
 
 
 @pytest.mark.parametrize("body, status, words", [
