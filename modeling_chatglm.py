@@ -296,10 +296,13 @@ def keep_torch_default_init(module):
 
 class NonReentrantCheckpointing:
     """Mixin for a PreTrainedModel: gradient checkpointing that keeps gradients flowing when the embeddings are
-    frozen (LoRA, prefix tuning), which the reentrant variant does not."""
+    frozen (LoRA, prefix tuning), which the reentrant variant does not. Without dropout in the blocks the
+    recomputation needs no saved RNG state; not saving it lets the step be captured as a CUDA graph (reading the
+    generator's state is refused during a capture)."""
 
     def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None):
-        kwargs = {"use_reentrant": False, **(gradient_checkpointing_kwargs or {})}
+        dropout = any(getattr(self.config, name, 0) or 0 for name in ("hidden_dropout", "attention_dropout"))
+        kwargs = {"use_reentrant": False, "preserve_rng_state": bool(dropout), **(gradient_checkpointing_kwargs or {})}
         super().gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 

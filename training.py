@@ -114,7 +114,8 @@ def build_parser(method):
                             "unchanged: padding has no labels and comes after every row's tokens")
     model.add_argument("--cuda_graphs", action=argparse.BooleanOptionalAction, default=None,
                        help="replay each step's forward and backward as CUDA graphs, one pair per batch shape "
-                            "(default: on a GPU, unless --gradient_checkpointing or ZeRO-3; see training_graphs.py)")
+                            "(default: on a GPU unless ZeRO-3; with --gradient_checkpointing the recomputation is captured "
+                            "too; see training_graphs.py)")
     train = parser.add_argument_group("training")
     train.add_argument("--output_dir", default=f"output_dir_{method.name}")
     train.add_argument("--num_train_epochs", type=int, default=5)
@@ -183,8 +184,7 @@ def resolve_cuda_graphs(args, device):
     """--cuda_graphs: on by default on a GPU; refused where a captured step cannot work."""
     blocked = ("it needs a GPU" if device.type != "cuda" else
                folder_limits(args).get("cuda_graphs") or
-               ("it is not combined with --gradient_checkpointing (not tested together)" if args.gradient_checkpointing
-                else "ZeRO-3 gathers parameters on the host during the step" if args.zero_stage == 3 else None))
+               ("ZeRO-3 gathers parameters on the host during the step" if args.zero_stage == 3 else None))
     if args.cuda_graphs and blocked:
         raise SystemExit(f"error: --cuda_graphs cannot be used here: {blocked}")
     return not blocked if args.cuda_graphs is None else args.cuda_graphs

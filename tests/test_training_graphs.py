@@ -46,7 +46,7 @@ def test_loss_from_label_positions_equals_the_boolean_selection(family_model_dir
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
 
 
-def graphed_and_eager_steps(folder, method):
+def graphed_and_eager_steps(folder, method, checkpointing=False):
     """Loss and trained gradients of three batches of two shapes (A, B, A), by graph replay and eagerly."""
     from training_graphs import TrainingGraphs
     torch.manual_seed(0)
@@ -59,6 +59,8 @@ def graphed_and_eager_steps(folder, method):
     else:
         for name, p in model.named_parameters():
             p.requires_grad = "prefix_encoder" in name
+    if checkpointing:
+        model.gradient_checkpointing_enable()
     model.train()
     short, tokenizer = rows_for(folder, SHORT)
     long, _ = rows_for(folder, LONG)
@@ -84,10 +86,12 @@ def graphed_and_eager_steps(folder, method):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("checkpointing", [False, True])
 @pytest.mark.parametrize("method", ["lora", "prefix"])
 @pytest.mark.parametrize("family", ["chatglm", "chatglm2"])
-def test_graph_replay_gives_the_eager_loss_and_gradients(family_model_dirs, family, method):
-    results, captured = graphed_and_eager_steps(family_model_dirs[family], method)
+def test_graph_replay_gives_the_eager_loss_and_gradients(family_model_dirs, family, method, checkpointing):
+    """With --gradient_checkpointing too: the recomputation is captured into the backward graph."""
+    results, captured = graphed_and_eager_steps(family_model_dirs[family], method, checkpointing)
     assert captured == 2  # the third batch has the first one's shape: replayed, not captured again
     for (loss, grads), (eager_loss, eager_grads) in zip(results["graphed"], results["eager"]):
         assert loss == pytest.approx(eager_loss, rel=1e-5)

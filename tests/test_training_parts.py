@@ -59,15 +59,14 @@ def test_packing_rows_defaults_to_on_where_it_helps(device, overrides, expected)
 
 
 @pytest.mark.parametrize("device, overrides, expected", [
-    ("cuda", {}, True), ("cpu", {}, False), ("cuda", {"gradient_checkpointing": True}, False),
+    ("cuda", {}, True), ("cpu", {}, False), ("cuda", {"gradient_checkpointing": True}, True),
     ("cuda", {"zero_stage": 3}, False), ("cuda", {"cuda_graphs": False}, False)])
 def test_cuda_graphs_default_to_on_where_a_captured_step_works(device, overrides, expected):
     options = args(**{"cuda_graphs": None, "gradient_checkpointing": False, "zero_stage": 1, **overrides})
     assert resolve_cuda_graphs(options, torch.device(device)) is expected
 
 
-@pytest.mark.parametrize("device, overrides", [("cpu", {}), ("cuda", {"gradient_checkpointing": True}),
-                                               ("cuda", {"zero_stage": 3})])
+@pytest.mark.parametrize("device, overrides", [("cpu", {}), ("cuda", {"zero_stage": 3})])
 def test_asking_for_cuda_graphs_where_they_cannot_work_is_a_clear_error(device, overrides):
     options = args(**{"cuda_graphs": True, "gradient_checkpointing": False, "zero_stage": 1, **overrides})
     with pytest.raises(SystemExit, match="--cuda_graphs cannot be used here"):
