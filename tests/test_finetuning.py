@@ -129,8 +129,10 @@ def test_kill_and_resume_ends_with_the_same_loss(tiny_model_dir, few_rows, tmp_p
 
 
 # on a GPU also with the step as CUDA graphs and fused AdamW; there the two clip by a divisor vs a factor, and the
-# difference in the last bit can round a bf16 weight the other way
-@pytest.mark.parametrize("script, accelerator, tolerance", [("finetuning_freeze.py", "cpu", 1e-6),
+# difference in the last bit can round a bf16 weight the other way. On the CPU too, on some processors: Freeze's curve
+# matched to 1e-6 on the CI machine and drifted by 4e-4 (relative, from step 3, on a loss falling 56 -> 31) on
+# another two-core machine with the same packages; a wrong update moves the curve by far more than 1e-3
+@pytest.mark.parametrize("script, accelerator, tolerance", [("finetuning_freeze.py", "cpu", 1e-3),
                                                            ("finetuning_lora.py", "cpu", 1e-6)]
                          + [("finetuning_freeze.py", "cuda", 1e-2)] * torch.cuda.is_available())
 def test_bf16_in_one_process_follows_deepspeeds_own_mixed_precision_optimizer(tiny_model_dir, few_rows, tmp_path,
