@@ -7,7 +7,10 @@ are image tokens that decode to nothing, so no text would stream). Each client s
 stop tokens are switched off, as in bench_gpu's prediction). Reported: generated tokens/s over all clients, the
 median time to the first streamed token, and predict's rate for the same 50 prompts in one batch (decoding.py).
 
-    python bench/bench_serve.py --clients 1,8,32 [--tiny]
+    python bench/bench_serve.py --clients 1,8,32,64 [--tiny]
+
+The lent GPU machine has no FastAPI or uvicorn: put their wheels beside the carried DeepSpeed ones first
+(`pip download --no-deps -d .whl fastapi==0.115.12 starlette==0.46.2 uvicorn`; newer FastAPI needs opentelemetry).
 """
 import argparse
 import json
