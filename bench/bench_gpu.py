@@ -10,9 +10,10 @@ trained on that data), two rows per step as in the reference, through the suite'
 
 Each training variant runs in its own process, so its peak memory is its own. "reference config" is our code
 set up as the reference project ran: every row padded to 768, fp16 with loss scaling, eager attention, full
-logits; prediction one row at a time.
+logits; prediction one row at a time. `--all` starts with the training scripts' own GPU defaults (`--step_graphs
+--pack_rows`: the figures a user's run gets), then the older variants for comparison.
 
-    python bench/bench_gpu.py --all --out bench/results        # everything, prints the table (about 8 minutes)
+    python bench/bench_gpu.py --all --out bench/results        # everything, prints the table (10+ minutes; --only narrows it)
     python bench/bench_gpu.py --variant lora [--gc] [--reference]   # one training variant, one JSON line
     python bench/bench_gpu.py --predict | --attention             # prediction / attention comparison
     python bench/bench_gpu.py --all --family chatglm2              # the ChatGLM2/3-6B size (LoRA, P-Tuning v2)
@@ -508,17 +509,23 @@ def run_attention_comparison(steps=10):
 
 
 def variant_list(cuda_graphs=False):
-    if glm2_shaped():  # the issues ask for LoRA and P-Tuning v2 at these sizes
-        variants = [["lora"], ["lora", "--gc"], ["pt2"], ["pt2", "--gc"], ["lora", "--reference"], ["pt2", "--reference"]]
+    """First the training scripts' GPU defaults (rows packed, the step as CUDA graphs: only on a GPU), then the
+    older variants (padded rows, compiled blocks), checkpointing and the reference configuration."""
+    methods = ["lora", "pt2"] if glm2_shaped() else METHODS  # the issues ask for LoRA and P-Tuning v2 at those sizes
+    defaults = [[m, "--step_graphs", "--pack_rows"] for m in methods] if torch.cuda.is_available() else []
+    if glm2_shaped():
+        variants = defaults + [["lora"], ["lora", "--gc"], ["pt2"], ["pt2", "--gc"], ["lora", "--reference"],
+                               ["pt2", "--reference"]]
     else:
-        variants = []
+        variants = list(defaults)
         for method in METHODS:
             variants.append([method])
             variants.append([method, "--gc"])
         variants += [["lora", "--no_compile"], ["lora", "--reference"], ["freeze", "--reference"],
                      ["pt2", "--reference"], ["pt_embedding_only", "--reference"]]
     if cuda_graphs:  # lengths padded to multiples of 64: alone, and with each block replayed as a CUDA graph
-        variants = [v for v in variants if "--reference" not in v and "--gc" not in v and "--no_compile" not in v]
+        variants = [v for v in variants if "--reference" not in v and "--gc" not in v and "--no_compile" not in v
+                    and "--step_graphs" not in v]
         variants = [v + extra for v in variants
                     for extra in (["--bucket", "64"], ["--bucket", "64", "--compile_mode", "reduce-overhead"])]
     return variants
