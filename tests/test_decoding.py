@@ -96,6 +96,21 @@ def test_slot_decoder_replays_cuda_graphs_as_generate_on_the_gpu(family_model_di
         assert slot_decode(model, prompts, joins=[0, 1, 6], new_tokens=6, slots=2) == expected
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="flash attention needs a GPU")
+def test_slot_decoder_in_bf16_with_flash_attention_gives_the_static_decoders_tokens(family_model_dirs):
+    """serve.py's path on a GPU (bf16, flash attention's variable-length decode, CUDA graphs) against predict's:
+    the same prompts entering together decode the same tokens."""
+    folder = family_model_dirs["chatglm2"]
+    model = load_model(folder).cuda().to(torch.bfloat16).eval()
+    family_, tokenizer = family_for(folder), load_tokenizer(folder)
+    prompts = [family_.build_prompt_ids(tokenizer, tokenizer.encode(t, add_special_tokens=False)) for t in TEXTS]
+    input_ids, attention_mask = (t.cuda() for t in left_pad(prompts, tokenizer.pad_token_id))
+    with torch.no_grad():
+        expected = greedy_decode(model, input_ids, attention_mask, 10, stop_ids=[], prefill_rows=len(prompts))
+        got = slot_decode(model, prompts, joins=[0] * len(prompts), new_tokens=10, slots=len(prompts))
+    assert got == expected.tolist()
+
+
 def test_unmerged_lora_decodes_like_generate(untied_model_dir):
     from peft import LoraConfig, get_peft_model
     torch.manual_seed(0)
