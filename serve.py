@@ -255,11 +255,16 @@ class Engine:
                 if self.slots and self.slots.live():
                     self.slots.step()
             except Exception as err:  # a failed step ends the slots' requests with the reason, the server goes on
+                ended = []
                 for row, request in enumerate(self.slots.requests if self.slots else []):
                     if request is not None:
-                        request.emit(None, f"error: {err}")
+                        ended.append(request)
                         self.slots.requests[row] = None
                         self.slots.decoder.release([row])
+                in_cohorts = {id(r) for c in self.cohorts for r in c.requests}
+                ended += [r for r in arrived if r not in ended and id(r) not in in_cohorts]  # a failed prompt forward
+                for request in ended:
+                    request.emit(None, f"error: {err}")
             for cohort in list(self.cohorts):
                 try:
                     alive = cohort.step()

@@ -150,3 +150,38 @@ def test_a_client_that_hangs_up_mid_stream_frees_its_slot(server):
         time.sleep(0.2)
     assert httpx.get(f"{server}/health").json()["active_requests"] == 0
     assert ask(server, QUERIES[4])[0]
+
+
+def test_a_failed_prompt_forward_ends_its_requests_with_the_error():
+    """The engine thread survives a failing prompt forward (out of memory, say), and the requests it held get the
+    error instead of waiting for ever."""
+    import queue
+
+    import serve
+
+    class FailingSlots:
+        requests = [None, None]
+
+        def free_rows(self):
+            return [0, 1]
+
+        def fits(self, request):
+            return True
+
+        def live(self):
+            return 0
+
+        def admit(self, requests):
+            raise RuntimeError("CUDA out of memory")
+    engine = serve.Engine.__new__(serve.Engine)  # no model: only the loop's bookkeeping is under test
+    engine.max_batch, engine.gather_idle_s, engine.gather_busy_s, engine.cohorts_started = 4, 0.0, 0.0, 0
+    engine.slots, engine.cohorts, engine.pending, engine.waiting = FailingSlots(), [], [], queue.Queue()
+    ended = threading.Event()
+    reasons = []
+
+    def emit(token, reason):
+        reasons.append(reason)
+        ended.set()
+    engine.submit(serve.Request([1, 2], 4, 0.0, 0.7, 0, [], emit))
+    threading.Thread(target=engine.run, daemon=True).start()
+    assert ended.wait(10) and reasons == ["error: CUDA out of memory"]
