@@ -206,7 +206,7 @@ PREDICT = {"freeze": "predict_freeze.py", "pt2": "predict_pt.py", "lora": "predi
 @pytest.fixture(scope="module")
 def trained_quantized(tiny_model_dir, few_rows, tmp_path_factory):
     outputs = {run: str(tmp_path_factory.mktemp(f"{run[0]}-{run[1]}")) for run in QUANTIZED_RUNS}
-    launch_all([(MODES[mode][0], *memorise_args(tiny_model_dir, few_rows, outputs[mode, bits]), *MODES[mode][1],
+    launch_all([(MODES[mode][0], *memorise_args(tiny_model_dir, few_rows, outputs[mode, bits], epochs=300), *MODES[mode][1],
                  *quantization_options(bits), "--lr_scheduler", "linear") for mode, bits in QUANTIZED_RUNS])
     return outputs
 
