@@ -127,7 +127,7 @@ class Slots:
         for row, request in zip(rows, requests):
             self.requests[row] = request
             self.filled[row] = self.decoder.leading + len(request.prompt_ids)
-        self.deliver(rows, logits)
+        self.deliver(rows, lambda: logits)
 
     def step(self):
         rows = [row for row, request in enumerate(self.requests) if request is not None]
@@ -137,14 +137,14 @@ class Slots:
             torch.cuda.current_stream().synchronize()
         for row in rows:
             self.filled[row] += 1
-        self.deliver(rows, self.decoder.logits[rows])
+        self.deliver(rows, lambda: self.decoder.logits[rows])
 
     def deliver(self, rows, logits):
         """Each row's next token (sampled where its request samples; the decoder fed greedy ones already) to its
-        request; rows whose request ended are freed."""
+        request; rows whose request ended are freed. `logits()`: the rows' logits, gathered only when one samples."""
         requests = [self.requests[row] for row in rows]
         if any(r.temperature for r in requests):
-            tokens = next_tokens(logits, requests, self.decoder.vocab_size)
+            tokens = next_tokens(logits(), requests, self.decoder.vocab_size)
             self.decoder.tokens[rows] = tokens[:, None].to(self.decoder.tokens.device)
         else:
             tokens = self.decoder.tokens[rows, 0]
