@@ -265,10 +265,11 @@ class Seq2SeqDataset(Dataset):
 class PadToLongest:
     """Collate rows into tensors padded (on the right) to the longest row of the batch, rounded up to a multiple
     of `multiple` when given (fewer distinct shapes for compiled kernels). With `with_label_positions`, also
-    `label_positions` (see `labelled_positions`), padded to that multiple too."""
+    `label_positions` (see `labelled_positions`), padded to a multiple of `label_multiple` (default: `multiple`)."""
     pad_token_id: int
     multiple: int = 0
     with_label_positions: bool = False
+    label_multiple: int = 0
 
     def __call__(self, batch):
         width = round_up(max(len(e["input_ids"]) for e in batch), self.multiple)
@@ -279,7 +280,7 @@ class PadToLongest:
             labels[i, :len(e["labels"])] = torch.tensor(e["labels"])
         collated = {"input_ids": input_ids, "labels": labels}
         if self.with_label_positions:
-            collated["label_positions"] = labelled_positions(labels, self.multiple)
+            collated["label_positions"] = labelled_positions(labels, self.label_multiple or self.multiple)
         return collated
 
 
@@ -301,6 +302,7 @@ class PackRows:
     config: object
     multiple: int = 0
     with_label_positions: bool = False
+    label_multiple: int = 0  # label_positions padded to a multiple of this (default: `multiple`)
 
     def __call__(self, batch):
         ids = [torch.tensor(e["input_ids"]) for e in batch]
@@ -321,7 +323,7 @@ class PackRows:
         rows[-1, 0] += width - start
         collated = {"input_ids": input_ids, "labels": labels, "position_ids": positions, "packed_rows": rows}
         if self.with_label_positions:
-            collated["label_positions"] = labelled_positions(labels, self.multiple)
+            collated["label_positions"] = labelled_positions(labels, self.label_multiple or self.multiple)
         return collated
 
 

@@ -15,6 +15,8 @@ launches all of them at once. What this needs, and how it is met:
   backward into them would make the capture depend on that stream, which CUDA refuses.
 All graphs share one memory pool: a shape's activations live only between its own forward and backward replay.
 """
+import time
+
 import torch
 from torch.func import functional_call
 
@@ -60,11 +62,14 @@ class ForwardWithoutHooks(torch.nn.Module):
 class TrainingGraphs:
     """`graphs(batch)` -> the mean token loss of `model(**batch, loss_only=True)`, computed by graph replay.
 
-    `batch` holds CPU tensors (input_ids, labels, label_positions). `warmup` eager steps precede each capture
-    (on a side stream, as CUDA graphs require; they also let torch.compile settle on the new shape)."""
+    `batch` holds CPU tensors (input_ids, labels, label_positions). `warmup` eager steps precede the first capture
+    (on a side stream, as CUDA graphs require: they compile the blocks and let the libraries make their workspaces);
+    `later_warmup` precede each later one. `captures` and `capture_seconds` count what capturing has cost."""
 
-    def __init__(self, model, device, warmup=2):
-        self.model, self.device, self.warmup = ForwardWithoutHooks(model), device, warmup
+    def __init__(self, model, device, warmup=2, later_warmup=2):
+        self.model, self.device = ForwardWithoutHooks(model), device
+        self.warmup, self.later_warmup = warmup, later_warmup
+        self.captures, self.capture_seconds = 0, 0.0
         named = [(name, p) for name, p in self.model.named_parameters() if p.requires_grad]
         self.names, self.trainable = [name for name, _ in named], [p for _, p in named]
         self.grads = [torch.zeros_like(p) for p in self.trainable]  # where every shape's backward leaves them
@@ -83,7 +88,10 @@ class TrainingGraphs:
         key = tuple((name, tuple(t.shape)) for name, t in sorted(batch.items()))
         shape = self.shapes.get(key)
         if shape is None:
-            shape = self.shapes[key] = self.capture(batch)
+            start = time.perf_counter()
+            shape = self.shapes[key] = self.capture(batch, self.warmup if not self.captures else self.later_warmup)
+            torch.cuda.synchronize(self.device)
+            self.captures, self.capture_seconds = self.captures + 1, self.capture_seconds + time.perf_counter() - start
         for name, t in batch.items():
             shape.inputs[name].copy_(t, non_blocking=True)
         return ReplayStep.apply(self, shape, *self.trainable)
@@ -92,13 +100,13 @@ class TrainingGraphs:
         parameters = dict(zip(self.names, self.stand_ins))
         return functional_call(self.model, parameters, args=(), kwargs={**inputs, "loss_only": True}, strict=False).loss
 
-    def capture(self, batch):
+    def capture(self, batch, warmup):
         inputs = {name: t.to(self.device) for name, t in batch.items()}
         grad_of_loss = torch.ones((), dtype=torch.float32, device=self.device)
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side):
-            for _ in range(self.warmup):
+            for _ in range(warmup):
                 torch.autograd.grad(self.loss(inputs), self.stand_ins, grad_of_loss, allow_unused=True)
         torch.cuda.current_stream(self.device).wait_stream(side)
         forward_graph, backward_graph = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()

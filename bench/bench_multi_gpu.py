@@ -5,7 +5,8 @@ tokenizer is a small one trained here, so ids sit at the top of the vocabulary),
 with their defaults on the given rows. A run is stopped (SIGINT, nothing saved) once `--steps` optimizer steps are
 logged, unless it is a `*_whole` variant, which runs to its last checkpoint. From each run's metrics.jsonl:
 
-- first step: seconds from the command to the first optimizer step (imports, loading, compiling, capturing);
+- first step: seconds from the command to the first optimizer step (the launcher, imports, loading, compiling,
+  capturing; runs before this change logged only their own process's part);
 - tokens/s: real (unpadded) tokens of all ranks per second over the second half of the steps (steady state);
 - peak GiB: torch.cuda.max_memory_allocated on rank 0; wall: the command's whole time.
 
@@ -37,6 +38,11 @@ VARIANTS = {  # name -> (script, options)
     "freeze_zero2": ("finetuning_freeze.py", ["--zero_stage", "2"]),
     "full": ("finetuning_full.py", []),
     "full_zero3": ("finetuning_full.py", ["--zero_stage", "3"]),
+    # quantized bases (issue 20): bitsandbytes NF4 (QLoRA) and THUDM's INT4, through the scripts' own options
+    "lora_nf4": ("finetuning_lora.py", ["--lora_r", "8", "--quantization", "nf4"]),
+    "lora_nf4_gc": ("finetuning_lora.py", ["--lora_r", "8", "--quantization", "nf4", "--gradient_checkpointing"]),
+    "pt2_nf4": ("finetuning_pt.py", ["--pre_seq_len", "16", "--quantization", "nf4"]),
+    "lora_int4": ("finetuning_lora.py", ["--lora_r", "8", "--quantization_bit", "4"]),
 }
 
 
@@ -147,7 +153,9 @@ def summarize(run):
     row = {"run": run["name"], "gpus": run["gpus"].count("+") + 1, "devices": run["gpus"], "optimizer": optimizer,
            "first_step_s": first, "steps": losses[-1]["step"] if losses else 0,
            "wall_s": round(run["end"] - run["start"], 1), "returncode": run["process"].returncode,
-           "startup_s": first_record.get("startup_s")}
+           "startup_s": first_record.get("startup_s"),
+           "first_step_from_command_s": round(first_record["unix_time"] - run["start"], 1)
+           if "unix_time" in first_record else None}
     half = [r for r in losses if r["step"] > losses[-1]["step"] / 2] if losses else []
     if len(half) >= 2:
         # tokens of a window = its tokens/s x its duration; the windows of the second half, after the first of them
@@ -159,7 +167,8 @@ def summarize(run):
         rates = sorted(r["tokens_per_s"] for r in half[1:])
         row.update(median_window_tokens_per_s=round(rates[len(rates) // 2]))
         row.update(tokens_per_s=round(tokens / seconds), ms_per_step=round(1000 * seconds / (half[-1]["step"] - half[0]["step"]), 1),
-                   peak_gib=max(r.get("peak_gib", 0) for r in losses), last_loss=losses[-1]["loss"])
+                   peak_gib=max(r.get("peak_gib", 0) for r in losses), last_loss=losses[-1]["loss"],
+                   captured_shapes=losses[-1].get("captured_shapes"), capture_s=losses[-1].get("capture_s"))
     if row["returncode"] not in (0, 130, -2) or not losses:  # -2: the launcher stopped by our SIGINT
         row["log_tail"] = text[-1500:]
     return row
@@ -168,14 +177,14 @@ def summarize(run):
 def table(rows):
     one = {r["run"]: r.get("tokens_per_s") for r in rows if r["gpus"] == 1 and r.get("tokens_per_s")}
     median = {r["run"]: r.get("median_window_tokens_per_s") for r in rows if r["gpus"] == 1}
-    lines = ["| run | GPUs | optimizer | first step s | ms/step | tokens/s | x one GPU | median window tokens/s | x one GPU "
+    lines = ["| run | GPUs | optimizer | first step s from the command | ms/step | tokens/s | x one GPU | median window tokens/s | x one GPU "
              "| peak GiB/GPU | wall s |", "| --- " * 11 + "|"]
 
     def ratio(value, base, gpus):
         return f"{value / base:.2f}" if value and base and gpus > 1 else ""
     for r in rows:
         name = r["run"].split("_zero")[0]
-        lines.append(f"| {r['run']} | {r['gpus']} | {r['optimizer'][:28]} | {r['first_step_s']} | "
+        lines.append(f"| {r['run']} | {r['gpus']} | {r['optimizer'][:28]} | {r.get('first_step_from_command_s') or r['first_step_s']} | "
                      f"{r.get('ms_per_step', '')} | {r.get('tokens_per_s', 'failed')} | "
                      f"{ratio(r.get('tokens_per_s'), one.get(name), r['gpus'])} | "
                      f"{r.get('median_window_tokens_per_s', '')} | "

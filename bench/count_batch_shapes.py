@@ -1,7 +1,7 @@
 """How many batch shapes a training run meets, and when: each new one is a CUDA graph capture (training_graphs.py).
 
 Runs the training scripts' sampler and collator (GPU defaults: rows packed, padded to a multiple of 64, label
-positions padded likewise) over the epochs, on the CPU, without a model:
+positions to a multiple of 4 x 64) over the epochs, on the CPU, without a model:
 
     python bench/count_batch_shapes.py --model_dir /tmp/chatglm6b-random --train_path spo/train.jsonl
 """

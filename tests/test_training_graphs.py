@@ -26,6 +26,22 @@ def test_labelled_positions_are_the_labelled_next_tokens_padded_with_minus_one()
     assert labelled_positions(labels, 4).tolist() == [1, 2, 3, -1]
 
 
+def test_the_training_collator_pads_label_positions_to_four_times_the_length_multiple(family_model_dirs):
+    """Fewer (length, label count) shapes, so fewer CUDA graph captures (training.LABEL_MULTIPLE_FACTOR)."""
+    from data_set import round_up
+    from model_family import family_for
+    from training import train_loader_collate
+    folder = family_model_dirs["chatglm"]
+    rows, tokenizer = rows_for(folder, LONG)
+    pack = (family_for(folder).packed_row_inputs, load_model(folder, dtype=torch.float32).config)
+    for collate in (train_loader_collate(tokenizer, 16, True), train_loader_collate(tokenizer, 16, True, pack)):
+        batch = collate(rows)
+        labelled = int((batch["labels"][:, 1:] != -100).sum())
+        assert batch["input_ids"].shape[-1] % 16 == 0 and batch["label_positions"].shape[0] == round_up(labelled, 64)
+        assert round_up(labelled, 64) != round_up(labelled, 16)  # these rows tell the two apart
+        assert batch["label_positions"][:labelled].min() >= 0 and (batch["label_positions"][labelled:] == -1).all()
+
+
 @pytest.mark.parametrize("family", ["chatglm", "chatglm2", "chatglm3"])
 def test_loss_from_label_positions_equals_the_boolean_selection(family_model_dirs, family):
     folder = family_model_dirs[family]
