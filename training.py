@@ -107,7 +107,11 @@ def build_parser(method):
                             "pip install bitsandbytes; checkpoints are the same")
     model.add_argument("--gradient_checkpointing", action="store_true", help="recompute activations: less memory")
     model.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                       help="torch.compile each transformer block (default: on a GPU, off on the CPU)")
+                       help="torch.compile each transformer block: steps ~22%% faster (H200, LoRA), after 55-80 s "
+                            "of compiling before the first step on a fresh machine (~35 s when the compile cache "
+                            "already has this model). Default: on a GPU when the run has at least "
+                            f"{COMPILE_PAYS_FROM:,} forward/backward passes (where it pays for itself) or the base "
+                            "is quantized; off on the CPU")
     model.add_argument("--pad_to_multiple_of", type=int, default=None,
                        help="pad each batch's length up to a multiple of N (default: 64 on a GPU, where fewer "
                             "distinct shapes made LoRA steps 14%% faster on an H100; 0 on the CPU). The loss is "
@@ -178,6 +182,26 @@ def folder_limits(args):
         return family_for(args.model_dir, getattr(args, "mode", None)).limits
     except ModelFolderError:
         return {}
+
+
+# A run of fewer forward/backward passes than this finishes sooner without compiling its blocks: on an H200 compiling
+# took 55-80 s on a fresh machine (~35 s with a warm cache) and saved 8.9 ms per LoRA step (40.4 -> 31.5 ms, CUDA
+# graphs either way; bench/results/startup). The reference run (5 epochs of spo, 3,545 steps) is below it.
+COMPILE_PAYS_FROM = 5000
+
+
+def resolve_compile(args, device, family, total_steps):
+    """--compile: refused where the family's blocks are not set up for it; by default on a GPU for runs long enough
+    to win back the compile time, and on quantized bases (their measured path is the compiled one)."""
+    if args.compile and "compile" in family.limits:
+        raise SystemExit(f"error: --compile: {family.limits['compile']}")
+    if args.compile is not None:
+        return args.compile
+    if device.type != "cuda" or "compile" in family.limits:
+        return False
+    from model_family import folder_quantization_bit
+    quantized = bool(args.quantization_bit or args.quantization or folder_quantization_bit(args.model_dir))
+    return quantized or total_steps * args.gradient_accumulation_steps >= COMPILE_PAYS_FROM
 
 
 def resolve_cuda_graphs(args, device):
@@ -517,6 +541,8 @@ def train(engine, method, family, args, tokenizer, train_set, eval_loader, sampl
                           "elapsed_s": round(seconds_since_start(), 2)}
                 if device.type == "cuda":
                     record["peak_gib"] = round(torch.cuda.max_memory_allocated(device) / 2 ** 30, 2)
+                if args.cuda_graphs:  # every new batch shape is a capture: what they have cost so far
+                    record.update(captured_shapes=batch_loss.captures, capture_s=round(batch_loss.capture_seconds, 1))
                 metrics.write(record)
                 bar.set_postfix(loss=f"{last_loss:.4f}", lr=f"{record['lr']:.2e}", tok_s=f"{record['tokens_per_s']:.0f}")
                 window_loss.zero_()
@@ -557,7 +583,9 @@ def report_first_step(metrics, step, device, rank):
     parts, before = {}, 0.0
     for part, seconds in startup_marks.items():
         parts[part], before = round(seconds - before, 1), seconds
-    metrics.write({"step": step, "seconds_to_first_step": round(before, 1), "startup_s": parts})
+    # `unix_time`: the launcher's own start-up comes before this process's, so a bench times the command from it
+    metrics.write({"step": step, "seconds_to_first_step": round(before, 1), "startup_s": parts,
+                   "unix_time": round(time.time(), 2)})
     if rank == 0:
         from tqdm import tqdm
         tqdm.write(f"first step done {before:.0f} s after the start: "
@@ -587,11 +615,18 @@ def schedule_length(args, sampler):
     return batches_per_epoch, (min(total, args.max_steps) if args.max_steps else total)
 
 
+# The CUDA-graph step captures each (length, labelled positions) shape once. Labelled positions padded to 4x the
+# length's multiple: a 5-epoch spo run meets 35 shapes instead of 93 (bench/count_batch_shapes.py), about 29 s less
+# capturing, for ~0.6 ms more head work per step (H200, bench/bench_capture.py).
+LABEL_MULTIPLE_FACTOR = 4
+
+
 def train_loader_collate(tokenizer, multiple=0, with_label_positions=False, pack=None):
     """Rows -> a padded batch, or with `pack` = (the family's packed_row_inputs, model config) one packed sequence."""
     from data_set import PackRows, PadToLongest
-    pad = PackRows(tokenizer.pad_token_id, *pack, multiple or 0, with_label_positions) if pack else \
-        PadToLongest(tokenizer.pad_token_id, multiple or 0, with_label_positions)
+    label_multiple = LABEL_MULTIPLE_FACTOR * (multiple or 0)
+    pad = PackRows(tokenizer.pad_token_id, *pack, multiple or 0, with_label_positions, label_multiple) if pack else \
+        PadToLongest(tokenizer.pad_token_id, multiple or 0, with_label_positions, label_multiple)
 
     def collate(rows):
         batch = pad(rows)
@@ -752,9 +787,8 @@ def run(method, args, rank, world_size, device):
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     model = method.prepare(model, args, family)
-    if args.compile and "compile" in family.limits:
-        raise SystemExit(f"error: --compile: {family.limits['compile']}")
-    if args.compile or (args.compile is None and device.type == "cuda" and "compile" not in family.limits):
+    args.compile = resolve_compile(args, device, family, total_steps)
+    if args.compile:
         compile_blocks(model)
     trainable, total = count_parameters(model)
     if rank == 0:

@@ -8,7 +8,8 @@ import torch
 import pytest
 
 from conftest import ROOT
-from training import check_finite, deepspeed_config, resolve_cuda_graphs, resolve_pack_rows, schedule_length
+from training import (COMPILE_PAYS_FROM, check_finite, deepspeed_config, resolve_compile, resolve_cuda_graphs,
+                      resolve_pack_rows, schedule_length)
 
 
 @pytest.mark.parametrize("value", [float("nan"), float("inf")])
@@ -71,6 +72,20 @@ def test_asking_for_cuda_graphs_where_they_cannot_work_is_a_clear_error(device, 
     options = args(**{"cuda_graphs": True, "gradient_checkpointing": False, "zero_stage": 1, **overrides})
     with pytest.raises(SystemExit, match="--cuda_graphs cannot be used here"):
         resolve_cuda_graphs(options, torch.device(device))
+
+
+@pytest.mark.parametrize("device, steps, overrides, expected", [
+    ("cuda", COMPILE_PAYS_FROM, {}, True), ("cuda", 3545, {}, False), ("cpu", 10 ** 6, {}, False),
+    ("cuda", COMPILE_PAYS_FROM // 2, {"gradient_accumulation_steps": 2}, True),  # passes, not optimizer steps
+    ("cuda", 10, {"quantization_bit": 4}, True), ("cuda", 10, {"quantization": "nf4"}, True),
+    ("cuda", 3545, {"compile": True}, True), ("cpu", 10, {"compile": True}, True),
+    ("cuda", 10 ** 6, {"compile": False}, False)])
+def test_blocks_compile_by_default_where_the_run_wins_the_compile_time_back(tiny_model_dir, device, steps, overrides,
+                                                                            expected):
+    from model_family import family_for
+    options = args(**{"compile": None, "quantization_bit": 0, "quantization": None, "model_dir": tiny_model_dir,
+                      "gradient_accumulation_steps": 1, **overrides})
+    assert resolve_compile(options, torch.device(device), family_for(tiny_model_dir), steps) is expected
 
 
 def test_ds_config_file_overrides(tmp_path):
