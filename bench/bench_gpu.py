@@ -53,10 +53,17 @@ METHODS = {
 
 TINY = False  # --tiny: a 2-layer model on whatever device there is, to check this script (tests/test_bench.py)
 QUANTIZATION_BIT = 0  # --quantization_bit: the blocks' linears in THUDM's INT8/INT4 format (quantization.py)
+BNB_QUANTIZATION = None  # --quantization nf4|int8: the blocks' linears as bitsandbytes layers (QLoRA)
 
 
 def quantize_if_asked(model, keep=()):
-    """--quantization_bit: quantize the random model's block linears on the GPU, as load_model does for a user."""
+    """--quantization_bit / --quantization: quantize the random model's block linears on the GPU, as load_model
+    does for a user."""
+    if BNB_QUANTIZATION:
+        from quantization import bnb_quantize_model
+        bnb_quantize_model(model, BNB_QUANTIZATION, torch.bfloat16, keep=keep)
+        if on_gpu():
+            torch.cuda.empty_cache()
     if QUANTIZATION_BIT:
         from quantization import quantize_model
         quantize_model(model, QUANTIZATION_BIT, keep=keep)
@@ -307,7 +314,7 @@ def run_training_variant(method, gradient_checkpointing, reference, steps, warmu
     real_tokens = sum(b["real_tokens"] for b in measured) / steps
     flops = sum(train_flops(b, config, method, 5) for b in measured) / steps
     steps_per_epoch = REFERENCE_EPOCH_ROWS // 2
-    return {"family": FAMILY, "method": method, "quantization_bit": QUANTIZATION_BIT,
+    return {"family": FAMILY, "method": method, "quantization_bit": QUANTIZATION_BIT, "quantization": BNB_QUANTIZATION,
             "gradient_checkpointing": gradient_checkpointing,
             "reference_config": reference, "compiled": compiled, "compile_mode": compile_mode, "bucket": bucket,
             "step_graphs": step_graphs, "group_by_length": group_by_length, "pack_rows": pack_rows,
@@ -663,10 +670,12 @@ def main():
                         "host time and where the host waits for the GPU")
     parser.add_argument("--quantization_bit", type=int, choices=[0, 8, 4], default=0,
                         help="the frozen base's block linears in INT8/INT4 (THUDM's format, quantization.py)")
+    parser.add_argument("--quantization", choices=["nf4", "int8"], default=None,
+                        help="the frozen base's block linears as bitsandbytes NF4 (QLoRA) or LLM.int8() layers")
     parser.add_argument("--local_rank", type=int, default=-1)
     args = parser.parse_args()
-    global TINY, FAMILY, QUANTIZATION_BIT
-    TINY, FAMILY, QUANTIZATION_BIT = args.tiny, args.family, args.quantization_bit
+    global TINY, FAMILY, QUANTIZATION_BIT, BNB_QUANTIZATION
+    TINY, FAMILY, QUANTIZATION_BIT, BNB_QUANTIZATION = args.tiny, args.family, args.quantization_bit, args.quantization
     if args.all:
         run_all(args.out, args.steps, args.warmup, args.new_tokens, args.single_rows, args.skip_predict,
                 args.prediction_from, args.only.split(",") if args.only else None, args.block_graph_variants)
