@@ -1,5 +1,7 @@
 """Every method on ChatGLM2, ChatGLM3 and GLM-4 tiny folders (THUDM's layout, and transformers' GlmForCausalLM and
-Glm4ForCausalLM), through the real deepspeed launcher, then its predict script.
+Glm4ForCausalLM), each training script run as `python finetuning_*.py` (one process, DeepSpeed set up by the script
+itself: the launcher's two extra processes cost CI ~45 s over these 18 runs and test nothing family-specific; the
+launcher runs in test_finetuning, test_multi_rank, test_quantization), then its predict script.
 
 The family is read from the folder; nothing is passed to say which model it is. ChatGLM3 and GLM-4 also learn
 multi-turn conversation rows (the loss on assistant turns only) and predict their last answer.
@@ -11,7 +13,7 @@ import pytest
 
 from conftest import MODES, launch_all, memorise_args, metrics_of
 
-# Every method on every GLM-4 family (issue 18); each launch costs ~25 s of start-up (CI's time), so the older
+# Every method on every GLM-4 family (issue 18); each run costs ~15 s of start-up (CI's time), so the older
 # families run what they add: ChatGLM3 Freeze, P-Tuning v2 and LoRA (embedding-only P-Tuning runs on GLM-4,
 # the same model file), ChatGLM2 (ChatGLM3's model code, the plain layout) LoRA. transformers' classes have no
 # P-Tuning (tests/test_glm_native.py checks the refusal). Full fine-tuning of ChatGLM-6B: test_finetuning.py,
@@ -55,7 +57,7 @@ def trained_families(family_model_dirs, few_rows, conversation_rows, tmp_path_fa
         folders.append(str(tmp_path_factory.mktemp(f"{family}-{mode}")))
         launches.append((script, *memorise_args(family_model_dirs[family], rows, folders[-1], epochs=120),
                          *options, *extra))  # P-Tuning v2 too: on these folders it learns the rows by step 120
-    results = launch_all(launches)
+    results = launch_all(launches, launcher=False)
     return {(family, mode): (out, result.stdout) for (family, mode, _, _), out, result in zip(runs, folders, results)}
 
 

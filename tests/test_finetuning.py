@@ -1,6 +1,7 @@
 """The fine-tuning scripts through the real deepspeed launcher (CPU accelerator) on a tiny model."""
 import json
 import os
+import shutil
 
 import pytest
 import torch
@@ -105,17 +106,38 @@ def test_ranks_remove_their_shared_memory_buffers_as_they_end(tiny_model_dir, fe
 
 
 # fp32: DeepSpeed's ZeRO-1 optimizer; bf16 in one process: optimizer.MasterWeightAdamW (its fp32 masters must resume)
-@pytest.mark.parametrize("precision", ["--fp32", "--bf16"])
-def test_kill_and_resume_ends_with_the_same_loss(tiny_model_dir, few_rows, tmp_path, precision):
+PRECISIONS = ("--fp32", "--bf16")
+
+
+@pytest.fixture(scope="module")
+def resumed_runs(tiny_model_dir, few_rows, tmp_path_factory):
+    """LoRA in fp32 and in bf16: a whole run, and one stopped at step 4 then resumed with --resume; and a copy of
+    the stopped bf16 run resumed with another optimizer (refused). Each stage's launches run side by side."""
+    root = tmp_path_factory.mktemp("resume")
+    runs = {(precision, part): str(root / f"{precision[2:]}-{part}") for precision in PRECISIONS
+            for part in ("whole", "pieces")}
+    launch_all([("finetuning_lora.py", *resume_args(tiny_model_dir, few_rows, out, precision),
+                 *(["--stop_after_steps", 4] if part == "pieces" else [])) for (precision, part), out in runs.items()])
+    stopped_at = {precision: os.path.basename(latest(runs[precision, "pieces"])) for precision in PRECISIONS}
+    other_optimizer = str(root / "bf16-other-optimizer")
+    shutil.copytree(runs["--bf16", "pieces"], other_optimizer)
+    for precision in PRECISIONS:  # a save killed half way leaves a temporary folder behind; it must be ignored
+        os.makedirs(os.path.join(runs[precision, "pieces"], ".checkpoint-6.tmp", "ds_state"))
+    resumes = [(runs[precision, "pieces"], precision, []) for precision in PRECISIONS]
+    resumes.append((other_optimizer, "--bf16", ["--zero_stage", 2]))
+    results = launch_all([("finetuning_lora.py", *resume_args(tiny_model_dir, few_rows, out, precision), "--resume",
+                           *more) for out, precision, more in resumes], check=False)
+    return runs, stopped_at, other_optimizer, results
+
+
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_kill_and_resume_ends_with_the_same_loss(resumed_runs, precision):
     """LoRA with dropout: the resumed run must restore weights, optimizer, schedule, data order and random state."""
-    whole, pieces = str(tmp_path / "whole"), str(tmp_path / "pieces")
-    launch_all([("finetuning_lora.py", *resume_args(tiny_model_dir, few_rows, whole, precision)),
-                ("finetuning_lora.py", *resume_args(tiny_model_dir, few_rows, pieces, precision),
-                 "--stop_after_steps", 4)])
-    assert os.path.basename(latest(pieces)) == "checkpoint-4"
-    # a save killed half way leaves a temporary folder behind; it must be ignored
-    os.makedirs(os.path.join(pieces, ".checkpoint-6.tmp", "ds_state"))
-    launch("finetuning_lora.py", *resume_args(tiny_model_dir, few_rows, pieces, precision), "--resume")
+    runs, stopped_at, _, results = resumed_runs
+    whole, pieces = runs[precision, "whole"], runs[precision, "pieces"]
+    assert stopped_at[precision] == "checkpoint-4"
+    resume = results[PRECISIONS.index(precision)]
+    assert resume.returncode == 0, resume.stdout[-3000:] + resume.stderr[-3000:]
     # checkpoints at steps 2, 4, 6, 8 (--save_steps 2) and 3, 6, 9 (epoch ends); the newest three are kept
     assert sorted(n for n in os.listdir(whole) if n.startswith("checkpoint-")) == \
         ["checkpoint-6", "checkpoint-8", "checkpoint-9"]
@@ -126,6 +148,16 @@ def test_kill_and_resume_ends_with_the_same_loss(tiny_model_dir, few_rows, tmp_p
     for a, b in zip(first, second):
         assert a["loss"] == pytest.approx(b["loss"], abs=1e-5), (a, b)
         assert a["lr"] == pytest.approx(b["lr"])
+
+
+def test_resuming_with_another_optimizer_is_a_clear_error(resumed_runs):
+    _, _, out, results = resumed_runs
+    result = results[-1]
+    assert result.returncode != 0
+    output = result.stdout + result.stderr
+    assert "was written with zero_stage 1 (now 2), optimizer MasterWeightAdamW" in output
+    assert "trainable parameters" not in output  # refused before the model loaded
+    assert os.path.isdir(os.path.join(out, "checkpoint-4"))  # nothing lost
 
 
 # on a GPU also with the step as CUDA graphs and fused AdamW; there the two clip by a divisor vs a factor, and the
@@ -152,18 +184,6 @@ def test_bf16_in_one_process_follows_deepspeeds_own_mixed_precision_optimizer(ti
         curves[stage] = [r["loss"] for r in metrics_of(outs[stage]) if "loss" in r]
     assert len(curves[1]) == 5 and curves[1][-1] < (0.7 if "freeze" in script else 0.95) * curves[1][0]
     assert curves[1] == pytest.approx(curves[2], rel=tolerance)
-
-
-def test_resuming_with_another_optimizer_is_a_clear_error(tiny_model_dir, few_rows, tmp_path):
-    out = str(tmp_path / "run")
-    launch("finetuning_lora.py", *resume_args(tiny_model_dir, few_rows, out, "--bf16"), "--stop_after_steps", 2)
-    result = launch("finetuning_lora.py", *resume_args(tiny_model_dir, few_rows, out, "--bf16"), "--resume",
-                    "--zero_stage", 2, check=False)
-    assert result.returncode != 0
-    output = result.stdout + result.stderr
-    assert "was written with zero_stage 1 (now 2), optimizer MasterWeightAdamW" in output
-    assert "trainable parameters" not in output  # refused before the model loaded
-    assert os.path.isdir(os.path.join(out, "checkpoint-2"))  # nothing lost
 
 
 def test_bf16_with_checkpointing_grouping_and_eval(tiny_model_dir, tmp_path):
