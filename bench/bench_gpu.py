@@ -475,6 +475,7 @@ def run_prediction(new_tokens, single_rows, matching=None, prefill_rows=13, deco
         seconds = timed_generate(model, rows, batch, new_tokens, config.pad_token_id, decoder,
                                  prefill_rows, decode_bucket) * len(prompts) / len(rows)
         results.append({"family": FAMILY, "prediction": name, "quantization_bit": QUANTIZATION_BIT,
+                        "quantization": BNB_QUANTIZATION,
                         "rows": len(prompts), "measured_rows": len(rows),
                         "prefill_rows": prefill_rows if decoder == "static" else None,
                         "decode_bucket": decode_bucket if decoder == "static" else None,

@@ -7,6 +7,7 @@ rows only within one run: machines differ by about 10%.
 
     python bench/bench_quantized.py --out bench/results/quantized                     # everything (two GPU calls)
     python bench/bench_quantized.py --only lora,pt2 --bits 0,8,4 --family chatglm --skip_predict
+    python bench/bench_quantized.py --bits 0,4,nf4 --skip_predict      # THUDM's INT4 beside bitsandbytes' NF4
 """
 import argparse
 import json
@@ -17,7 +18,16 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BENCH = os.path.join(ROOT, "bench", "bench_gpu.py")
-NAMES = {0: "bf16", 8: "INT8", 4: "INT4"}
+NAMES = {"0": "bf16", "8": "INT8", "4": "INT4", "nf4": "NF4 (bitsandbytes)", "int8": "LLM.int8() (bitsandbytes)"}
+
+
+def base_options(base):
+    """bench_gpu.py's options for a base: "0" (bf16), "8" / "4" (THUDM's format), "nf4" / "int8" (bitsandbytes)."""
+    return ["--quantization", base] if base in ("nf4", "int8") else ["--quantization_bit", base]
+
+
+def base_of(row):
+    return row.get("quantization") or str(row["quantization_bit"])
 
 
 def run(arguments):
@@ -30,13 +40,13 @@ def run(arguments):
 
 
 def training_rows(methods, bits_list, family, steps, warmup, checkpointing=False):
-    """--gc: with gradient checkpointing, which the training scripts run without CUDA graphs."""
-    how = ["--gc"] if checkpointing else ["--step_graphs"]
+    """The training scripts' GPU path (CUDA-graph steps, packed rows), with gradient checkpointing if asked."""
+    how = ["--gc", "--step_graphs"] if checkpointing else ["--step_graphs"]
     rows = []
     for method in methods:
         for bits in bits_list:
             row = run(["--variant", method, *how, "--pack_rows", "--family", family, "--steps", str(steps),
-                       "--warmup", str(warmup), "--quantization_bit", str(bits)])
+                       "--warmup", str(warmup), *base_options(bits)])
             if row:
                 rows.append(row)
                 print(json.dumps(row), flush=True)
@@ -47,7 +57,7 @@ def prediction_rows(bits_list, family, new_tokens):
     rows = []
     for bits in bits_list:
         result = run(["--predict", "--variants_matching", "batched, static", "--family", family,
-                      "--new_tokens", str(new_tokens), "--quantization_bit", str(bits)])
+                      "--new_tokens", str(new_tokens), *base_options(bits)])
         for row in result or []:
             rows.append(row)
             print(json.dumps(row), flush=True)
@@ -58,18 +68,18 @@ def table(training, prediction):
     lines = ["| model | method | base | ms/step | x bf16 | real tokens/s | peak GiB | MFU |",
              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     bf16 = {(r["family"], r["method"], r["gradient_checkpointing"]): r["ms_per_step"] for r in training
-            if not r["quantization_bit"]}
+            if base_of(r) == "0"}
     for r in training:
         base = bf16.get((r["family"], r["method"], r["gradient_checkpointing"]))
         ratio = f"{r['ms_per_step'] / base:.2f}" if base else ""
         method = r["method"] + (" + grad. checkpointing" if r["gradient_checkpointing"] else "")
-        lines.append(f"| {r['family']} | {method} | {NAMES[r['quantization_bit']]} | {r['ms_per_step']} | {ratio} | "
+        lines.append(f"| {r['family']} | {method} | {NAMES[base_of(r)]} | {r['ms_per_step']} | {ratio} | "
                      f"{r['real_tokens_per_s']} | {r['peak_gib']} | {100 * r['mfu']:.1f}% |")
     if prediction:
         lines += ["", "| model | base | 50 rows x new tokens | seconds | ms per decode step | peak GiB |",
                   "| --- | --- | --- | --- | --- | --- |"]
         for r in prediction:
-            lines.append(f"| {r['family']} | {NAMES[r['quantization_bit']]} | 50 x {r['new_tokens']} | "
+            lines.append(f"| {r['family']} | {NAMES[base_of(r)]} | 50 x {r['new_tokens']} | "
                          f"{r['seconds_for_50']} | {r['ms_per_token_step']} | {r['peak_gib']} |")
     return "\n".join(lines)
 
@@ -77,17 +87,19 @@ def table(training, prediction):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", default="lora,pt2", help="training methods (comma-separated)")
-    parser.add_argument("--bits", default="0,8,4", help="bases: 0 (bf16), 8, 4")
+    parser.add_argument("--bits", default="0,8,4", help="bases: 0 (bf16), 8, 4 (THUDM's format), nf4, int8 "
+                        "(bitsandbytes)")
     parser.add_argument("--family", choices=["chatglm", "chatglm2"], default="chatglm")
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=8)
     parser.add_argument("--new_tokens", type=int, default=315)
-    parser.add_argument("--gc", action="store_true", help="gradient checkpointing (no CUDA graphs): least memory")
+    parser.add_argument("--gc", action="store_true", help="gradient checkpointing (recomputation captured in the "
+                        "CUDA-graph step, as the training scripts run it): least memory")
     parser.add_argument("--skip_predict", action="store_true")
     parser.add_argument("--skip_training", action="store_true")
     parser.add_argument("--out", default=None, help="folder for bench_quantized.json / .md")
     args = parser.parse_args()
-    bits_list = [int(b) for b in args.bits.split(",")]
+    bits_list = args.bits.split(",")
     training = [] if args.skip_training else training_rows(args.only.split(","), bits_list, args.family, args.steps,
                                                             args.warmup, args.gc)
     prediction = [] if args.skip_predict else prediction_rows(bits_list, args.family, args.new_tokens)
