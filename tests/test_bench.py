@@ -78,3 +78,15 @@ def test_glm4_rows_are_laid_out_as_the_glm4_family_trains(monkeypatch):
     g = bench_gpu.GLM4_IDS
     assert ids[:3] == [g["gmask"], g["sop"], g["user"]] and ids[-1] == g["user"]
     assert ids[first_label - 1] == g["assistant"]  # learned from the newline after <|assistant|> to the end
+
+
+def test_quantized_table_names_each_base_and_compares_it_with_bf16():
+    import bench_quantized
+    row = dict(family="chatglm", method="lora", gradient_checkpointing=False, real_tokens_per_s=1, peak_gib=1.0, mfu=0.1)
+    rows = [{**row, "quantization_bit": 0, "quantization": None, "ms_per_step": 30.0},
+            {**row, "quantization_bit": 0, "quantization": "nf4", "ms_per_step": 45.0},
+            {**row, "quantization_bit": 4, "quantization": None, "ms_per_step": 36.0}]
+    lines = bench_quantized.table(rows, []).splitlines()
+    assert "| NF4 (bitsandbytes) | 45.0 | 1.50 |" in lines[3] and "| INT4 | 36.0 | 1.20 |" in lines[4]
+    assert bench_quantized.base_options("nf4") == ["--quantization", "nf4"]
+    assert bench_quantized.base_options("4") == ["--quantization_bit", "4"]
