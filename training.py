@@ -782,12 +782,12 @@ def run(method, args, rank, world_size, device):
     sampler = EpochSampler(train_set.lengths, args.train_batch_size, args.seed, rank, world_size,
                            args.group_by_length)
     _, total_steps = schedule_length(args, sampler)
+    args.compile = resolve_compile(args, device, family, total_steps)  # before the weights: a refusal comes at once
     model = load_base_model(args, method, family, device)
     mark_startup("weights")
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     model = method.prepare(model, args, family)
-    args.compile = resolve_compile(args, device, family, total_steps)
     if args.compile:
         compile_blocks(model)
     trainable, total = count_parameters(model)
