@@ -34,17 +34,13 @@ import bench_gpu  # noqa: E402
 def lora_engine():
     from model_family import FAMILIES
     from training import build_engine, compile_blocks, setup_distributed
-    from types import SimpleNamespace
     import finetuning_lora
     _, _, device = setup_distributed()
     torch.manual_seed(0)
     config = bench_gpu.official_config()
     model = bench_gpu.build_model(config, torch.bfloat16)
     model.train()
-    spec = bench_gpu.METHODS["lora"]
-    args = SimpleNamespace(learning_rate=spec["lr"], weight_decay=0.1, lr_scheduler="linear", warmup_ratio=0.0,
-                           train_batch_size=2, gradient_accumulation_steps=1, max_grad_norm=1.0, zero_stage=1,
-                           offload=False, ds_config=None, precision="bf16", model_dir="random", **spec["extra"])
+    args = bench_gpu.method_args(bench_gpu.METHODS["lora"], "bf16")
     model = finetuning_lora.LoRA().prepare(model, args, FAMILIES[bench_gpu.FAMILY])
     compile_blocks(model)
     return build_engine(model, args, 1, device, total_steps=10_000), config, device
@@ -125,9 +121,9 @@ def main():
         del graphs
         torch.cuda.empty_cache()
 
+    from data_set import labelled_positions
     plain = distinct_batches(config, args.shapes, 64, seed=2)
     for multiple in (64, 128, 256):
-        from data_set import labelled_positions
         graphs = TrainingGraphs(engine.module, device, warmup=2, later_warmup=1)
         same = [{**b, "label_positions": labelled_positions(b["labels"], multiple)} for b in plain]
         for b in same:

@@ -237,6 +237,13 @@ def train_flops(batch, config, method, trainable_layers):
     return forward + backward
 
 
+def method_args(spec, precision):
+    """The arguments a training script would give its Method and build_engine (ZeRO-1, batch 2, no warm-up)."""
+    return SimpleNamespace(learning_rate=spec["lr"], weight_decay=0.1, lr_scheduler="linear", warmup_ratio=0.0,
+                           train_batch_size=2, gradient_accumulation_steps=1, max_grad_norm=1.0, zero_stage=1,
+                           offload=False, ds_config=None, precision=precision, model_dir="random", **spec["extra"])
+
+
 MODEL_INPUTS = ("input_ids", "labels", "label_positions", "position_ids", "attention_mask", "packed_rows")
 
 
@@ -262,10 +269,7 @@ def run_training_variant(method, gradient_checkpointing, reference, steps, warmu
         model.gradient_checkpointing_enable()
     model.train()
     module = __import__(spec["module"])
-    args = SimpleNamespace(learning_rate=spec["lr"], weight_decay=0.1, lr_scheduler="linear", warmup_ratio=0.0,
-                           train_batch_size=2, gradient_accumulation_steps=1, max_grad_norm=1.0, zero_stage=1,
-                           offload=False, ds_config=None, precision="fp16" if reference else "bf16",
-                           model_dir="random", **spec["extra"])
+    args = method_args(spec, "fp16" if reference else "bf16")
     model = getattr(module, spec["cls"])().prepare(model, args, FAMILIES[FAMILY])
     compiled = compile_blocks_ and not reference
     if compiled:

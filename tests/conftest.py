@@ -96,6 +96,20 @@ def launch(script, *args, launcher=True, timeout=900, check=True, ranks=1, accel
     return result
 
 
+PREDICT_METHODS = {"predict_freeze.py": "FreezePredict", "predict_pt.py": "PTuningPredict",
+                   "predict_lora.py": "LoRAPredict", "predict_full.py": "FullPredict"}
+
+
+def predict_in_process(script, *args):
+    """A predict script's own main() in this process, where a test checks only the files it writes: a new process
+    would spend ~7 s importing (the scripts' exit codes and messages are tested as processes elsewhere)."""
+    import importlib
+
+    from prediction import main
+    method = getattr(importlib.import_module(script[:-3]), PREDICT_METHODS[script])
+    main(method(), [str(a) for a in args])
+
+
 def launch_all(runs, **how):
     """launch() each (script, *args) of `runs` with the same options, as many at once as there are CPU cores (a tiny
     model's run is mostly process start-up and small kernels, so two share two cores well); results in order."""

@@ -84,13 +84,9 @@ def test_greedy_task_answers_equal_predicts(trained, few_rows, tmp_path, mode):
     turns = tmp_path / "turns.jsonl"
     turns.write_text("".join(json.dumps({"query": t}, ensure_ascii=False) + "\n" for t in texts), encoding="utf-8")
     answers = run_chat("--model_dir", trained[mode], "--input", turns, "--greedy", "--device", "cpu")
-    # the predict script's own main(), in this process (a new one would spend ~8 s importing)
-    import importlib
-
-    from prediction import main
-    predict = getattr(importlib.import_module(f"predict_{mode}"), {"lora": "LoRAPredict", "full": "FullPredict"}[mode])
-    main(predict(), ["--model_dir", trained[mode], "--test_path", few_rows, "--output_dir", str(tmp_path / "p"),
-                     "--device", "cpu"])
+    from conftest import predict_in_process
+    predict_in_process(f"predict_{mode}.py", "--model_dir", trained[mode], "--test_path", few_rows,
+                       "--output_dir", tmp_path / "p", "--device", "cpu")
     with open(tmp_path / "p" / "predictions.jsonl", encoding="utf-8") as f:
         predicted = [json.loads(line)["generated"] for line in f]
     assert [a["response"] for a in answers] == predicted and all(predicted)

@@ -11,7 +11,7 @@ import os
 
 import pytest
 
-from conftest import MODES, launch_all, memorise_args, metrics_of
+from conftest import MODES, launch_all, memorise_args, metrics_of, predict_in_process
 
 # Every method on every GLM-4 family (issue 18); each run costs ~15 s of start-up (CI's time), so the older
 # families run what they add: ChatGLM3 Freeze, P-Tuning v2 and LoRA (embedding-only P-Tuning runs on GLM-4,
@@ -21,9 +21,8 @@ from conftest import MODES, launch_all, memorise_args, metrics_of
 RUNS = [("chatglm3", mode) for mode in ("freeze", "pt2", "lora")] + [("chatglm2", "lora")] + \
     [("glm4", mode) for mode in ("freeze", "pt2", "pt_embedding_only", "lora", "full")] + \
     [(family, mode) for family in ("glm4-hf", "glm4-0414") for mode in ("freeze", "lora", "full")]
-PREDICT = {"freeze": ("predict_freeze", "FreezePredict"), "pt2": ("predict_pt", "PTuningPredict"),
-           "pt_embedding_only": ("predict_pt", "PTuningPredict"), "lora": ("predict_lora", "LoRAPredict"),
-           "full": ("predict_full", "FullPredict")}
+PREDICT = {"freeze": "predict_freeze.py", "pt2": "predict_pt.py", "pt_embedding_only": "predict_pt.py",
+           "lora": "predict_lora.py", "full": "predict_full.py"}
 TRAINED_PREFIX = {"freeze": "transformer.encoder.layers.1.", "pt2": "transformer.prefix_encoder.",
                   "pt_embedding_only": "transformer.prefix_encoder."}
 NATIVE = ("glm4-hf", "glm4-0414")  # transformers' classes: no P-Tuning (tests/test_glm_native.py)
@@ -66,14 +65,9 @@ def read_metrics(out):
 
 
 def predict(mode, out, rows, tmp_path):
-    """The predict script's own main(), in this process (a new one would spend ~8 s importing)."""
-    import importlib
-
-    from prediction import main
-    module, method = PREDICT[mode.replace("_conversations", "")]
     folder = tmp_path / f"pred-{mode}"
-    main(getattr(importlib.import_module(module), method)(),
-         ["--model_dir", out, "--test_path", rows, "--output_dir", str(folder), "--device", "cpu", "--batch_size", "4"])
+    predict_in_process(PREDICT[mode.replace("_conversations", "")], "--model_dir", out, "--test_path", rows,
+                       "--output_dir", folder, "--device", "cpu", "--batch_size", 4)
     with open(folder / "metrics.json") as f:
         metrics = json.load(f)
     with open(folder / "predictions.jsonl") as f:

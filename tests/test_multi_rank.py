@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import launch, launch_all, logged_losses
+from conftest import launch, launch_all, logged_losses, predict_in_process
 
 STEPS = 3
 METHOD_ARGS = {
@@ -62,13 +62,9 @@ def test_two_ranks_follow_the_one_rank_loss_curve(one_rank, two_ranks, method, z
     for name in ours:
         assert ours[name].shape == theirs[name].shape
         assert torch.allclose(ours[name], theirs[name], atol=1e-4), name
-    if zero_stage == 3:  # the predict script's own main(), in this process (a new one would spend ~8 s importing)
-        import importlib
-
-        from prediction import main
-        predict = {"lora": "LoRAPredict", "freeze": "FreezePredict", "full": "FullPredict"}[method]
-        main(getattr(importlib.import_module(f"predict_{method}"), predict)(),
-             ["--model_dir", out, "--test_path", "data/spo_test.jsonl", "--device", "cpu", "--max_new_tokens", "8"])
+    if zero_stage == 3:
+        predict_in_process(f"predict_{method}.py", "--model_dir", out, "--test_path", "data/spo_test.jsonl",
+                           "--device", "cpu", "--max_new_tokens", 8)
         assert os.path.isfile(os.path.join(out, f"checkpoint-{STEPS}", "metrics.json"))
 
 

@@ -7,12 +7,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import launch
+from conftest import launch, predict_in_process
 
 PREDICT = {"freeze": "predict_freeze.py", "pt2": "predict_pt.py", "pt2_projection": "predict_pt.py",
            "pt_embedding_only": "predict_pt.py", "lora": "predict_lora.py", "full": "predict_full.py"}
-PREDICT_METHOD = {"predict_freeze.py": "FreezePredict", "predict_pt.py": "PTuningPredict",
-                  "predict_lora.py": "LoRAPredict", "predict_full.py": "FullPredict"}
 
 
 def predict(mode, trained, rows, tmp_path, *extra, check=True):
@@ -22,13 +20,7 @@ def predict(mode, trained, rows, tmp_path, *extra, check=True):
             "--batch_size", 4, *extra]
     if not check:
         return launch(PREDICT[mode], *argv, launcher=False, check=False)
-    # the script's own main(), in this process: a new one would spend ~7 s importing (CLI behaviour is tested by
-    # the launches in this file and in test_first_run.py)
-    import importlib
-
-    from prediction import main
-    script = PREDICT[mode]
-    main(getattr(importlib.import_module(script[:-3]), PREDICT_METHOD[script])(), [str(a) for a in argv])
+    predict_in_process(PREDICT[mode], *argv)
     with open(out / "metrics.json") as f:
         metrics = json.load(f)
     with open(out / "predictions.jsonl") as f:
