@@ -296,6 +296,7 @@ NATIVE_LIMITS = {
     "static_decoder": "the static-cache decoder steps our model files (predict and serve use transformers' cache)",
     "cuda_graphs": "the captured training step is checked on our model files only (not on transformers' GLM classes)",
     "compile": "compiling transformer blocks is set up for our model files' blocks",
+    "recompute_mlp": "--gradient_checkpointing mlp recomputes our model files' MLPs only (use --gradient_checkpointing)",
 }
 
 

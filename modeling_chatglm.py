@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.checkpoint import checkpoint
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.cache_utils import DynamicCache
 from transformers.modeling_layers import GradientCheckpointingLayer
@@ -269,11 +270,63 @@ def labelled_token_loss(head, hidden, labels, label_positions=None):
     shift_labels = labels[:, 1:]
     if label_positions is None:
         keep = shift_labels != -100
-        return F.cross_entropy(head(hidden[:, :-1][keep]).float(), shift_labels[keep])
+        return head_cross_entropy(head, hidden[:, :-1][keep], shift_labels[keep])
     index = label_positions.clamp(min=0)
     rows, cols = index // shift_labels.shape[1], index % shift_labels.shape[1]
     targets = torch.where(label_positions >= 0, shift_labels[rows, cols], -100)
-    return F.cross_entropy(head(hidden[rows, cols]).float(), targets, ignore_index=-100)
+    return head_cross_entropy(head, hidden[rows, cols], targets)
+
+
+# Rows of logits made at once by the sliced loss: 2^24 float32 logits (64 MiB; 128 rows of ChatGLM-6B's vocabulary).
+# 0: no slicing (autograd's cross-entropy over all rows at once; for comparisons).
+LOSS_SLICE_LOGITS = 2 ** 24
+
+
+def head_cross_entropy(head, hidden, targets):
+    """Mean cross-entropy of head(hidden) [rows, vocab] against `targets` (-100: not counted).
+
+    A frozen output layer in bf16 or float32 goes through `SlicedHeadLoss`: the same loss and gradient without the
+    [rows, vocab] float32 logits (at 768 labels of ChatGLM-6B, 0.4 GB per copy, three copies alive around the
+    backward). fp16 keeps the plain path: its gradient is only safe from underflow once the loss scale is in it;
+    so do a trained head (full fine-tuning) and a head whose weight DeepSpeed ZeRO-3 has partitioned."""
+    weight = getattr(head, "weight", None)
+    if LOSS_SLICE_LOGITS and type(head) is nn.Linear and head.bias is None and not weight.requires_grad and not hasattr(weight, "ds_id") \
+            and hidden.dtype in (torch.bfloat16, torch.float32) and not head._forward_hooks \
+            and not head._forward_pre_hooks:
+        return SlicedHeadLoss.apply(hidden, weight, targets, max(1, LOSS_SLICE_LOGITS // weight.shape[0]))
+    return F.cross_entropy(head(hidden).float(), targets, ignore_index=-100)
+
+
+class SlicedHeadLoss(torch.autograd.Function):
+    """F.cross_entropy(hidden @ weight^T, targets) for a frozen weight, a slice of rows at a time: each slice's
+    gradient for `hidden` is made as soon as its logits are (the softmax minus the target, over the count, then
+    through the weight in hidden's dtype, as autograd would), so no slice's logits outlive it. The backward only
+    scales that gradient."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, rows_per_slice):
+        counted = targets != -100
+        count = counted.sum()
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        grad = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
+        for start in range(0, hidden.shape[0], rows_per_slice):
+            part = slice(start, start + rows_per_slice)
+            logits = (hidden[part] @ weight.t()).float()
+            target, keep = targets[part].clamp(min=0)[:, None], counted[part]
+            log_total = torch.logsumexp(logits, dim=-1)
+            total = total + torch.where(keep, log_total - logits.gather(1, target)[:, 0], 0.0).sum()
+            if grad is not None:
+                probs = logits.sub_(log_total[:, None]).exp_()
+                probs.scatter_add_(1, target, -keep[:, None].to(probs.dtype))
+                probs.mul_(torch.where(keep, 1.0 / count, 0.0)[:, None])
+                grad[part] = probs.to(hidden.dtype) @ weight
+        ctx.save_for_backward(grad)
+        return total / count
+
+    @staticmethod
+    def backward(ctx, grad_of_loss):
+        grad, = ctx.saved_tensors
+        return (grad.float() * grad_of_loss).to(grad.dtype), None, None, None
 
 
 def rotate_halves(x):
@@ -304,6 +357,15 @@ class NonReentrantCheckpointing:
         dropout = any(getattr(self.config, name, 0) or 0 for name in ("hidden_dropout", "attention_dropout"))
         kwargs = {"use_reentrant": False, "preserve_rng_state": bool(dropout), **(gradient_checkpointing_kwargs or {})}
         super().gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+    def recompute_mlp_enable(self):
+        """Checkpoint only each block's widening matmul and activation (see RecomputedInner): a third of the
+        blocks' forward recomputed, for most of what the frozen blocks keep for the backward."""
+        found = [m for m in self.modules() if isinstance(m, RecomputedInner)]
+        if not found:
+            raise ValueError(f"--gradient_checkpointing mlp: {type(self).__name__} has no MLP that can recompute")
+        for module in found:
+            module.recompute_inner = True
 
 
 class PrefixEncoder(nn.Module):
@@ -374,7 +436,21 @@ class SelfAttention(nn.Module):
         return torch.matmul(probs, value)
 
 
-class GLU(nn.Module):
+class RecomputedInner:
+    """Mixin for a block's MLP: with `recompute_inner` set, the widening matmul and its activation are recomputed in
+    the backward instead of keeping the wide pre-activation (4x the hidden size per token, the largest saved
+    tensor of a block whose base is frozen): what `--gradient_checkpointing mlp` turns on."""
+    recompute_inner = False
+
+    def forward(self, x):
+        if self.recompute_inner and torch.is_grad_enabled():
+            inner = checkpoint(self.inner, x, use_reentrant=False, preserve_rng_state=False)
+        else:
+            inner = self.inner(x)
+        return self.dense_4h_to_h(inner)
+
+
+class GLU(RecomputedInner, nn.Module):
     """The feed-forward block (the official name; it is a plain GELU MLP)."""
 
     def __init__(self, config):
@@ -382,8 +458,8 @@ class GLU(nn.Module):
         self.dense_h_to_4h = nn.Linear(config.hidden_size, config.inner_hidden_size)
         self.dense_4h_to_h = nn.Linear(config.inner_hidden_size, config.hidden_size)
 
-    def forward(self, x):
-        return self.dense_4h_to_h(F.gelu(self.dense_h_to_4h(x), approximate="tanh"))
+    def inner(self, x):
+        return F.gelu(self.dense_h_to_4h(x), approximate="tanh")
 
 
 class GLMBlock(GradientCheckpointingLayer):

@@ -24,8 +24,8 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 from configuration_chatglm2 import ChatGLMConfig
 from quantization import QuantizedLinear, quantize_model
 from modeling_chatglm import (MASKED_SCORE, SDPA_BACKENDS, NonReentrantCheckpointing, PackedRows, PromptSlots,
-                              first_index, keep_torch_default_init, labelled_token_loss, packed_rows_attention,
-                              soft_prompt_length, with_soft_prompt_per_row)
+                              RecomputedInner, first_index, keep_torch_default_init, labelled_token_loss,
+                              packed_rows_attention, soft_prompt_length, with_soft_prompt_per_row)
 
 ROPE_BASE = 10000.0
 
@@ -145,15 +145,15 @@ class SelfAttention(nn.Module):
         return torch.matmul(F.softmax(scores.float(), dim=-1).to(value.dtype), value)
 
 
-class MLP(nn.Module):
+class MLP(RecomputedInner, nn.Module):
     def __init__(self, config):
         super().__init__()
         self.dense_h_to_4h = nn.Linear(config.hidden_size, 2 * config.ffn_hidden_size, bias=config.add_bias_linear)
         self.dense_4h_to_h = nn.Linear(config.ffn_hidden_size, config.hidden_size, bias=config.add_bias_linear)
 
-    def forward(self, x):
+    def inner(self, x):
         gate, up = self.dense_h_to_4h(x).chunk(2, dim=-1)
-        return self.dense_4h_to_h(F.silu(gate) * up)
+        return F.silu(gate) * up
 
 
 class GLMBlock(GradientCheckpointingLayer):

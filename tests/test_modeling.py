@@ -53,6 +53,32 @@ def test_loss_only_path_gives_the_same_loss():
     assert abs(full.item() - fast.item()) <= 1e-5
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_sliced_head_loss_equals_cross_entropy_and_its_gradient(dtype, monkeypatch):
+    import modeling_chatglm
+    torch.manual_seed(0)
+    head = torch.nn.Linear(64, 1000, bias=False).to(dtype).requires_grad_(False)
+    hidden = torch.randn(300, 64, dtype=dtype, requires_grad=True)
+    targets = torch.randint(0, 1000, (300,))
+    targets[::7] = -100
+    plain = torch.nn.functional.cross_entropy(head(hidden).float(), targets, ignore_index=-100)
+    monkeypatch.setattr(modeling_chatglm, "LOSS_SLICE_LOGITS", 64 * 1000)  # 64 rows a slice: five slices
+    sliced = modeling_chatglm.head_cross_entropy(head, hidden, targets)
+    assert type(sliced.grad_fn).__name__ == "SlicedHeadLossBackward"
+    assert abs(sliced.item() - plain.item()) <= 1e-6
+    # 1: the same operations as autograd's; 0.37 (a gradient accumulation's 1 / steps): applied after the rounding
+    # to bf16 instead of before it
+    for scale, bf16_ulps in ((1.0, 1), (0.37, 4)):
+        (plain_grad,) = torch.autograd.grad(plain, hidden, torch.tensor(scale), retain_graph=True)
+        (sliced_grad,) = torch.autograd.grad(sliced, hidden, torch.tensor(scale), retain_graph=True)
+        tolerance = 1e-9 if dtype == torch.float32 else bf16_ulps * 2 ** -8 * plain_grad.abs().max().item()
+        assert (sliced_grad.float() - plain_grad.float()).abs().max().item() <= tolerance
+    with torch.no_grad():  # evaluation: the loss alone
+        assert abs(modeling_chatglm.head_cross_entropy(head, hidden, targets).item() - plain.item()) <= 1e-6
+    head.weight.requires_grad_(True)  # a trained head (full fine-tuning) keeps autograd's path
+    assert type(modeling_chatglm.head_cross_entropy(head, hidden, targets).grad_fn).__name__ != "SlicedHeadLossBackward"
+
+
 def test_model_never_freezes_parameters():
     _, _, model = load_fixture("prefix")
     assert all(p.requires_grad for p in model.parameters())
@@ -105,7 +131,8 @@ def test_embedding_only_prompt_keeps_logits_aligned_with_input(untied_model_dir)
     assert cached.past_key_values.get_seq_length() == ids.shape[1] + 5
 
 
-def test_gradient_checkpointing_with_frozen_embeddings_gives_the_same_gradients(untied_model_dir):
+@pytest.mark.parametrize("how", ["blocks", "mlp"])
+def test_gradient_checkpointing_with_frozen_embeddings_gives_the_same_gradients(untied_model_dir, how):
     model = load_model(untied_model_dir, pre_seq_len=3, prefix_projection=True)
     model.train()
     model.transformer.prefix_dropout.p = 0.0
@@ -120,13 +147,29 @@ def test_gradient_checkpointing_with_frozen_embeddings_gives_the_same_gradients(
         model(input_ids=ids, labels=labels).loss.backward()
         return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
-    plain = grads()
-    model.gradient_checkpointing_enable()
-    checkpointed = grads()
+    plain, plain_saved = grads(), saved_bytes(lambda: model(input_ids=ids, labels=labels).loss)
+    model.gradient_checkpointing_enable() if how == "blocks" else model.recompute_mlp_enable()
+    checkpointed, checkpointed_saved = grads(), saved_bytes(lambda: model(input_ids=ids, labels=labels).loss)
+    assert checkpointed_saved < plain_saved
+    if how == "mlp":  # each block's pre-activation (inner_hidden_size per token) is no longer kept
+        per_token = model.config.num_layers * model.config.inner_hidden_size * 4  # float32
+        assert plain_saved - checkpointed_saved >= ids.shape[1] * per_token
     assert plain.keys() == checkpointed.keys() and len(plain) == 7  # prefix encoder 5, qkv 2
     for name in plain:
         assert plain[name].abs().sum() > 0, name
         assert torch.allclose(plain[name], checkpointed[name], atol=1e-6), name
+
+
+def saved_bytes(forward):
+    """Bytes autograd keeps for the backward of `forward()` (parameters included once)."""
+    seen = {}
+
+    def pack(t):
+        seen[(t.data_ptr(), t.shape)] = t.numel() * t.element_size()
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        forward()
+    return sum(seen.values())
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

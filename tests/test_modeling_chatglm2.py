@@ -72,7 +72,8 @@ def test_batched_left_padded_generation_equals_one_row_at_a_time(overrides):
         assert batched[i, width:].tolist() == alone[0, len(row):].tolist()
 
 
-def test_gradient_checkpointing_with_frozen_embeddings_gives_the_same_gradients():
+@pytest.mark.parametrize("how", ["blocks", "mlp"])
+def test_gradient_checkpointing_with_frozen_embeddings_gives_the_same_gradients(how):
     model = tiny_model(pre_seq_len=3, prefix_projection=True).train()
     model.transformer.prefix_dropout.p = 0.0
     for name, p in model.named_parameters():
@@ -84,7 +85,7 @@ def test_gradient_checkpointing_with_frozen_embeddings_gives_the_same_gradients(
         model(input_ids=ids, labels=ids).loss.backward()
         return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
     plain = grads()
-    model.gradient_checkpointing_enable()
+    model.gradient_checkpointing_enable() if how == "blocks" else model.recompute_mlp_enable()
     checkpointed = grads()
     assert len(plain) == 5 and all(plain[n].abs().sum() > 0 for n in plain)
     assert all(torch.allclose(plain[n], checkpointed[n], atol=1e-6) for n in plain)

@@ -75,7 +75,9 @@ def graphed_and_eager_steps(folder, method, checkpointing=False):
     else:
         for name, p in model.named_parameters():
             p.requires_grad = "prefix_encoder" in name
-    if checkpointing:
+    if checkpointing == "mlp":
+        model.recompute_mlp_enable()
+    elif checkpointing:
         model.gradient_checkpointing_enable()
     model.train()
     short, tokenizer = rows_for(folder, SHORT)
@@ -102,11 +104,11 @@ def graphed_and_eager_steps(folder, method, checkpointing=False):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
-@pytest.mark.parametrize("checkpointing", [False, True])
+@pytest.mark.parametrize("checkpointing", [False, True, "mlp"])
 @pytest.mark.parametrize("method", ["lora", "prefix"])
 @pytest.mark.parametrize("family", ["chatglm", "chatglm2"])
 def test_graph_replay_gives_the_eager_loss_and_gradients(family_model_dirs, family, method, checkpointing):
-    """With --gradient_checkpointing too: the recomputation is captured into the backward graph."""
+    """With --gradient_checkpointing (blocks or mlp) too: the recomputation is captured into the backward graph."""
     results, captured = graphed_and_eager_steps(family_model_dirs[family], method, checkpointing)
     assert captured == 2  # the third batch has the first one's shape: replayed, not captured again
     for (loss, grads), (eager_loss, eager_grads) in zip(results["graphed"], results["eager"]):
