@@ -182,7 +182,7 @@ def quantize_model(model, bits, keep=(), empty=False, device=None):
     check_bits(bits)
     linears = quantizable_linears(model, keep)
     if not linears:
-        raise ValueError(f"--quantization {kind}: no block linears found to quantize in {type(model).__name__}")
+        raise ValueError(f"--quantization_bit {bits}: no block linears found to quantize in {type(model).__name__}")
     for parent, attribute, _ in linears:
         linear = getattr(parent, attribute)
         if isinstance(linear, QuantizedLinear):

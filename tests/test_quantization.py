@@ -195,9 +195,11 @@ def test_a_prequantized_folder_missing_a_scale_is_named(prequantized_dirs, tmp_p
 # ---- every method on a quantized base, through the launcher ----------------------------------------------------
 
 # two runs, side by side on the two cores, to keep CI short: LoRA over THUDM's INT4 layers (PEFT around them,
-# predict without merging) and P-Tuning v2 over bitsandbytes' NF4 (QLoRA's format; it runs on the CPU too). Freeze's
-# float layers and the gradients through both formats are checked in-process above and below.
+# predict without merging), with its MLPs recomputed (--gradient_checkpointing mlp: the 8 GB card's setting), and
+# P-Tuning v2 over bitsandbytes' NF4 (QLoRA's format; it runs on the CPU too). Freeze's float layers and the
+# gradients through both formats are checked in-process above and below.
 QUANTIZED_RUNS = [("lora", 4), ("pt2", "nf4")]
+RUN_OPTIONS = {("lora", 4): ["--gradient_checkpointing", "mlp"]}
 PREDICT = {"freeze": "predict_freeze.py", "pt2": "predict_pt.py", "lora": "predict_lora.py"}
 
 
@@ -207,7 +209,8 @@ PREDICT = {"freeze": "predict_freeze.py", "pt2": "predict_pt.py", "lora": "predi
 def trained_quantized(tiny_model_dir, few_rows, tmp_path_factory):
     outputs = {run: str(tmp_path_factory.mktemp(f"{run[0]}-{run[1]}")) for run in QUANTIZED_RUNS}
     launch_all([(MODES[mode][0], *memorise_args(tiny_model_dir, few_rows, outputs[mode, bits], epochs=300), *MODES[mode][1],
-                 *quantization_options(bits), "--lr_scheduler", "linear") for mode, bits in QUANTIZED_RUNS])
+                 *quantization_options(bits), *RUN_OPTIONS.get((mode, bits), []), "--lr_scheduler", "linear")
+                for mode, bits in QUANTIZED_RUNS])
     return outputs
 
 
@@ -224,7 +227,9 @@ def test_every_method_learns_on_a_quantized_base_and_predicts_on_it(trained_quan
     with open(os.path.join(out, "latest")) as f:
         checkpoint = os.path.join(out, f.read().strip())
     with open(os.path.join(checkpoint, "training_args.json")) as f:  # predict quantizes the same way by default
-        assert json.load(f)["quantization" if bits == "nf4" else "quantization_bit"] == bits
+        saved_args = json.load(f)
+    assert saved_args["quantization" if bits == "nf4" else "quantization_bit"] == bits
+    assert saved_args["gradient_checkpointing"] == ("mlp" if (mode, bits) in RUN_OPTIONS else None)
     saved = load_file(os.path.join(checkpoint, "adapter_model.safetensors" if mode == "lora" else "model.safetensors"))
     assert all(v.is_floating_point() for v in saved.values())  # only what trained, in full precision
     result = launch(PREDICT[mode], "--model_dir", out, "--test_path", few_rows, "--output_dir", tmp_path,
@@ -256,3 +261,11 @@ def test_quantization_without_bitsandbytes_is_one_line(tiny_model_dir, monkeypat
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # as if not installed
     with pytest.raises(ModelFolderError, match="needs bitsandbytes: pip install bitsandbytes"):
         load_model(tiny_model_dir, bnb_quantization="nf4")
+
+
+def test_a_model_without_block_linears_is_refused_by_name():
+    from quantization import quantize_model
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4))
+    model.config = type("Config", (), {})()
+    with pytest.raises(ValueError, match="--quantization_bit 4: no block linears found to quantize in Sequential"):
+        quantize_model(model, 4)

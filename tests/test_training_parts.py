@@ -124,3 +124,16 @@ def test_blocks_compile_as_one_graph_for_every_length(family):
         block.compile(backend="eager", fullgraph=True, dynamic=True)  # fullgraph: a graph break raises
     for b in batches:
         model(input_ids=b["input_ids"], labels=b["labels"], loss_only=True).loss.backward()
+
+
+@pytest.mark.parametrize("preset", [None, ":4096:8"])
+def test_training_runs_take_a_small_cublas_workspace_unless_the_user_chose_one(monkeypatch, preset):
+    import finetuning_lora
+    import training
+    if preset is None:
+        monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    else:
+        monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", preset)
+    with pytest.raises(SystemExit):  # --help: the setting comes before the arguments are read
+        training.main(finetuning_lora.LoRA(), ["--help"])
+    assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == (preset or ":4096:1")
