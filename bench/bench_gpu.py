@@ -54,6 +54,7 @@ METHODS = {
 TINY = False  # --tiny: a 2-layer model on whatever device there is, to check this script (tests/test_bench.py)
 QUANTIZATION_BIT = 0  # --quantization_bit: the blocks' linears in THUDM's INT8/INT4 format (quantization.py)
 BNB_QUANTIZATION = None  # --quantization nf4|int8: the blocks' linears as bitsandbytes layers (QLoRA)
+MEMORY_LIMIT_GIB = None  # --memory_limit_gib: a cap on what the steps may allocate
 
 
 def quantize_if_asked(model, keep=()):
@@ -89,6 +90,11 @@ def reset_peak():
 
 def peak_gib():
     return round(torch.cuda.max_memory_allocated() / 2 ** 30, 2) if on_gpu() else 0.0
+
+
+def peak_reserved_gib():
+    """What the allocator held at most (allocated plus its cached free blocks): nearer what a card must have."""
+    return round(torch.cuda.max_memory_reserved() / 2 ** 30, 2) if on_gpu() else 0.0
 
 
 def device_name():
@@ -249,7 +255,7 @@ MODEL_INPUTS = ("input_ids", "labels", "label_positions", "position_ids", "atten
 
 def run_training_variant(method, gradient_checkpointing, reference, steps, warmup, compile_blocks_=True,
                          compile_mode=None, bucket=None, step_graphs=False, group_by_length=False, pack_rows=False,
-                         profile_kernels=False, find_host_waits=False):
+                         profile_kernels=False, find_host_waits=False, memory_at_peak=False):
     from model_family import FAMILIES
     from data_set import labelled_positions
     from training import build_engine, compile_blocks, setup_distributed
@@ -265,7 +271,9 @@ def run_training_variant(method, gradient_checkpointing, reference, steps, warmu
     quantize_if_asked(model, keep=trained_layers if method == "freeze" else ())
     if reference:
         model.config._attn_implementation = "eager"
-    if gradient_checkpointing:
+    if gradient_checkpointing == "mlp":
+        model.recompute_mlp_enable()
+    elif gradient_checkpointing:
         model.gradient_checkpointing_enable()
     model.train()
     module = __import__(spec["module"])
@@ -285,6 +293,13 @@ def run_training_variant(method, gradient_checkpointing, reference, steps, warmu
         if step_graphs:
             b["label_positions"] = labelled_positions(b["labels"], bucket)
     reset_peak()
+    if MEMORY_LIMIT_GIB and on_gpu():  # from here on: the model is built (a bf16 model first) and quantized
+        torch.cuda.set_per_process_memory_fraction(MEMORY_LIMIT_GIB * 2 ** 30 /
+                                                   torch.cuda.get_device_properties(0).total_memory)
+    recording = None
+    if memory_at_peak and on_gpu():  # slows the host: this run's times are not comparable
+        from memory_at_peak import MemoryAtPeak
+        recording = MemoryAtPeak()
     if step_graphs:
         from training_graphs import TrainingGraphs
         graphs = TrainingGraphs(engine.module, device)
@@ -309,6 +324,10 @@ def run_training_variant(method, gradient_checkpointing, reference, steps, warmu
         step(b)
     sync()
     seconds = (time.perf_counter() - start) / steps
+    at_peak = recording.stop() if recording else None
+    if at_peak:
+        from memory_at_peak import print_table
+        print_table(at_peak)
     phases = step_phases(step, batches[warmup:], engine, batch_loss)
     if profile_kernels:
         print_kernel_profile(step, batches[warmup:warmup + 10])
@@ -327,7 +346,9 @@ def run_training_variant(method, gradient_checkpointing, reference, steps, warmu
             "trainable_params": trainable, "ms_per_step": round(seconds * 1000, 1),
             "real_tokens_per_s": round(real_tokens / seconds), "s_per_epoch": round(seconds * steps_per_epoch, 1),
             "min_for_5_epochs": round(seconds * steps_per_epoch * 5 / 60, 2),
-            "peak_gib": peak_gib(), "mfu": round(flops / seconds / PEAK_FLOPS, 3), "gpu": device_name()}
+            "sliced_loss": bool(__import__("modeling_chatglm").LOSS_SLICE_LOGITS),
+            "peak_gib": peak_gib(), "peak_reserved_gib": peak_reserved_gib(), "memory_at_peak": at_peak,
+            "mfu": round(flops / seconds / PEAK_FLOPS, 3), "gpu": device_name()}
 
 
 # first match wins: flash attention's kernel names mention cutlass types
@@ -606,7 +627,8 @@ def markdown_table(report):
     for r in report["training"]:
         family = r.get("family", "chatglm")
         config = "reference config (pad 768, fp16, eager)" if r["reference_config"] else \
-            ("ours" + (", grad. checkpointing" if r["gradient_checkpointing"] else "")
+            ("ours" + (f", checkpointing {'blocks' if r['gradient_checkpointing'] is True else r['gradient_checkpointing']}"
+                       if r["gradient_checkpointing"] else "")
              + ("" if r.get("compiled", True) else ", not compiled")
              + (f", lengths padded to x{r['bucket']}" if r.get("bucket") else "")
              + (", blocks as CUDA graphs" if r.get("compile_mode") == "reduce-overhead" else "")
@@ -632,7 +654,8 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--all", action="store_true", help="every variant and prediction; writes --out")
     parser.add_argument("--variant", choices=list(METHODS), help="one training variant")
-    parser.add_argument("--gc", action="store_true", help="with gradient checkpointing")
+    parser.add_argument("--gc", nargs="?", const="blocks", choices=["blocks", "mlp"], default=None,
+                        help="with gradient checkpointing: whole blocks (bare) or only the MLPs' inner part")
     parser.add_argument("--reference", action="store_true", help="the reference configuration")
     parser.add_argument("--no_compile", action="store_true", help="ours without torch.compile of the blocks")
     parser.add_argument("--predict", action="store_true")
@@ -677,20 +700,48 @@ def main():
                         help="the frozen base's block linears in INT8/INT4 (THUDM's format, quantization.py)")
     parser.add_argument("--quantization", choices=["nf4", "int8"], default=None,
                         help="the frozen base's block linears as bitsandbytes NF4 (QLoRA) or LLM.int8() layers")
+    parser.add_argument("--num_layers", type=int, default=None, help="fewer blocks than the family's 6B size "
+                        "(quick memory checks: bench/results/quantized/memory_call1to4)")
+    parser.add_argument("--memory_limit_gib", type=float, default=None, help="let this process allocate at most this "
+                        "much (torch.cuda.set_per_process_memory_fraction): does the variant run on a smaller card? "
+                        "(set once the model is built and quantized; the CUDA context, ~0.5 GiB, comes on top)")
+    parser.add_argument("--plain_loss", action="store_true", help="the loss over all labelled rows at once, as "
+                        "before the sliced loss (modeling_chatglm.LOSS_SLICE_LOGITS = 0)")
+    parser.add_argument("--memory_at_peak", action="store_true", help="with --variant: also print what the "
+                        "allocations alive at the peak were made by (bench/memory_at_peak.py; the run is not timed)")
     parser.add_argument("--local_rank", type=int, default=-1)
     args = parser.parse_args()
     global TINY, FAMILY, QUANTIZATION_BIT, BNB_QUANTIZATION
     TINY, FAMILY, QUANTIZATION_BIT, BNB_QUANTIZATION = args.tiny, args.family, args.quantization_bit, args.quantization
+    global MEMORY_LIMIT_GIB
+    MEMORY_LIMIT_GIB = args.memory_limit_gib
+    if args.num_layers:
+        six_b = official_config
+        globals()["official_config"] = lambda **overrides: six_b(**{"num_layers": args.num_layers, **overrides})
+    from training import TRAINING_CUBLAS_WORKSPACE
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", TRAINING_CUBLAS_WORKSPACE)  # as the training scripts run
+    if args.plain_loss:
+        import modeling_chatglm
+        modeling_chatglm.LOSS_SLICE_LOGITS = 0
     if args.all:
         run_all(args.out, args.steps, args.warmup, args.new_tokens, args.single_rows, args.skip_predict,
                 args.prediction_from, args.only.split(",") if args.only else None, args.block_graph_variants)
     elif args.merge:
         merge_reports(args.merge, args.out)
+    elif args.variant and args.memory_limit_gib:
+        try:
+            row = run_training_variant(args.variant, args.gc, args.reference, args.steps, args.warmup,
+                                       not args.no_compile, args.compile_mode, args.bucket, args.step_graphs,
+                                       args.group_by_length, args.pack_rows)
+        except torch.cuda.OutOfMemoryError as err:
+            row = {"method": args.variant, "out_of_memory": str(err).splitlines()[0][:300]}
+        print(json.dumps({**row, "memory_limit_gib": args.memory_limit_gib}), flush=True)
     elif args.variant:
         print(json.dumps(run_training_variant(args.variant, args.gc, args.reference, args.steps, args.warmup,
                                               not args.no_compile, args.compile_mode, args.bucket,
                                               args.step_graphs, args.group_by_length, args.pack_rows,
-                                              args.profile_kernels, args.find_host_waits)), flush=True)
+                                              args.profile_kernels, args.find_host_waits, args.memory_at_peak)),
+              flush=True)
         # shut the process group down before exit: once in a CI run (CPU) a communication thread left running
         # aborted the process at exit ("terminate called without an active exception") after its result was printed
         torch.distributed.destroy_process_group()

@@ -39,17 +39,22 @@ def run(arguments):
     return json.loads(lines[-1])
 
 
-def training_rows(methods, bits_list, family, steps, warmup, checkpointing=False):
-    """The training scripts' GPU path (CUDA-graph steps, packed rows), with gradient checkpointing if asked."""
-    how = ["--gc", "--step_graphs"] if checkpointing else ["--step_graphs"]
+def checkpointing_options(kind):
+    """bench_gpu.py's options for a checkpointing kind: none, mlp (each MLP's inner part), blocks (whole blocks)."""
+    return [] if kind == "none" else ["--gc", kind]
+
+
+def training_rows(methods, bits_list, family, steps, warmup, checkpointing=("none",)):
+    """The training scripts' GPU path (CUDA-graph steps, packed rows), for each checkpointing kind asked."""
     rows = []
     for method in methods:
         for bits in bits_list:
-            row = run(["--variant", method, *how, "--pack_rows", "--family", family, "--steps", str(steps),
-                       "--warmup", str(warmup), *base_options(bits)])
-            if row:
-                rows.append(row)
-                print(json.dumps(row), flush=True)
+            for kind in checkpointing:
+                row = run(["--variant", method, "--step_graphs", "--pack_rows", "--family", family, "--steps",
+                           str(steps), "--warmup", str(warmup), *base_options(bits), *checkpointing_options(kind)])
+                if row:
+                    rows.append(row)
+                    print(json.dumps(row), flush=True)
     return rows
 
 
@@ -64,17 +69,23 @@ def prediction_rows(bits_list, family, new_tokens):
     return rows
 
 
+def checkpointing_of(row):
+    kind = row.get("gradient_checkpointing")
+    return "blocks" if kind is True else (kind or "none")
+
+
 def table(training, prediction):
-    lines = ["| model | method | base | ms/step | x bf16 | real tokens/s | peak GiB | MFU |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
-    bf16 = {(r["family"], r["method"], r["gradient_checkpointing"]): r["ms_per_step"] for r in training
-            if base_of(r) == "0"}
+    """x bf16: against the same family and method on the bf16 base without checkpointing (the default step)."""
+    lines = ["| model | method | base | checkpointing | ms/step | x bf16 | real tokens/s | peak GiB | reserved GiB | MFU |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    bf16 = {(r["family"], r["method"]): r["ms_per_step"] for r in training
+            if base_of(r) == "0" and checkpointing_of(r) == "none"}
     for r in training:
-        base = bf16.get((r["family"], r["method"], r["gradient_checkpointing"]))
+        base = bf16.get((r["family"], r["method"]))
         ratio = f"{r['ms_per_step'] / base:.2f}" if base else ""
-        method = r["method"] + (" + grad. checkpointing" if r["gradient_checkpointing"] else "")
-        lines.append(f"| {r['family']} | {method} | {NAMES[base_of(r)]} | {r['ms_per_step']} | {ratio} | "
-                     f"{r['real_tokens_per_s']} | {r['peak_gib']} | {100 * r['mfu']:.1f}% |")
+        lines.append(f"| {r['family']} | {r['method']} | {NAMES[base_of(r)]} | {checkpointing_of(r)} | "
+                     f"{r['ms_per_step']} | {ratio} | {r['real_tokens_per_s']} | {r['peak_gib']} | "
+                     f"{r.get('peak_reserved_gib', '')} | {100 * r['mfu']:.1f}% |")
     if prediction:
         lines += ["", "| model | base | 50 rows x new tokens | seconds | ms per decode step | peak GiB |",
                   "| --- | --- | --- | --- | --- | --- |"]
@@ -93,15 +104,16 @@ def main():
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=8)
     parser.add_argument("--new_tokens", type=int, default=315)
-    parser.add_argument("--gc", action="store_true", help="gradient checkpointing (recomputation captured in the "
-                        "CUDA-graph step, as the training scripts run it): least memory")
+    parser.add_argument("--gc", default="none", help="checkpointing kinds, comma-separated: none, mlp (each MLP's "
+                        "inner part), blocks (whole blocks); the recomputation is captured in the CUDA-graph step, "
+                        "as the training scripts run it")
     parser.add_argument("--skip_predict", action="store_true")
     parser.add_argument("--skip_training", action="store_true")
     parser.add_argument("--out", default=None, help="folder for bench_quantized.json / .md")
     args = parser.parse_args()
     bits_list = args.bits.split(",")
     training = [] if args.skip_training else training_rows(args.only.split(","), bits_list, args.family, args.steps,
-                                                            args.warmup, args.gc)
+                                                            args.warmup, args.gc.split(","))
     prediction = [] if args.skip_predict else prediction_rows(bits_list, args.family, args.new_tokens)
     text = table(training, prediction)
     gpu = (training or prediction or [{"gpu": "?"}])[0]["gpu"]
@@ -109,7 +121,7 @@ def main():
     print(text)
     if args.out:
         os.makedirs(args.out, exist_ok=True)
-        name = f"bench_quantized_{args.family}{'_gc' if args.gc else ''}"
+        name = f"bench_quantized_{args.family}{'' if args.gc == 'none' else '_gc_' + args.gc.replace(',', '_')}"
         with open(os.path.join(args.out, f"{name}.json"), "w") as f:
             json.dump({"training": training, "prediction": prediction}, f, indent=1)
         with open(os.path.join(args.out, f"{name}.md"), "w") as f:

@@ -82,11 +82,32 @@ def test_glm4_rows_are_laid_out_as_the_glm4_family_trains(monkeypatch):
 
 def test_quantized_table_names_each_base_and_compares_it_with_bf16():
     import bench_quantized
-    row = dict(family="chatglm", method="lora", gradient_checkpointing=False, real_tokens_per_s=1, peak_gib=1.0, mfu=0.1)
+    row = dict(family="chatglm", method="lora", gradient_checkpointing=None, real_tokens_per_s=1, peak_gib=1.0, mfu=0.1)
     rows = [{**row, "quantization_bit": 0, "quantization": None, "ms_per_step": 30.0},
             {**row, "quantization_bit": 0, "quantization": "nf4", "ms_per_step": 45.0},
-            {**row, "quantization_bit": 4, "quantization": None, "ms_per_step": 36.0}]
+            {**row, "quantization_bit": 4, "quantization": None, "ms_per_step": 36.0},
+            {**row, "quantization_bit": 4, "quantization": None, "ms_per_step": 42.0, "gradient_checkpointing": "mlp"}]
     lines = bench_quantized.table(rows, []).splitlines()
-    assert "| NF4 (bitsandbytes) | 45.0 | 1.50 |" in lines[3] and "| INT4 | 36.0 | 1.20 |" in lines[4]
+    assert "| NF4 (bitsandbytes) | none | 45.0 | 1.50 |" in lines[3] and "| INT4 | none | 36.0 | 1.20 |" in lines[4]
+    assert "| INT4 | mlp | 42.0 | 1.40 |" in lines[5]  # against bf16 without checkpointing
     assert bench_quantized.base_options("nf4") == ["--quantization", "nf4"]
     assert bench_quantized.base_options("4") == ["--quantization_bit", "4"]
+
+
+def test_memory_at_peak_finds_what_is_alive_at_the_highest_total():
+    from memory_at_peak import BEFORE, DEFERRED, live_at_peak
+    ours = [{"filename": os.path.join(ROOT, "modeling_chatglm.py"), "line": 12, "name": "forward"}]
+    compiled = [{"filename": "/tmp/torchinductor_u/ab/cab.py", "line": 3, "name": "call"}] + ours
+    trace = [{"action": "alloc", "addr": 1, "size": 100, "frames": ours},
+             {"action": "alloc", "addr": 2, "size": 300, "frames": compiled},
+             {"action": "free_completed", "addr": 1, "size": 100},
+             {"action": "free_completed", "addr": 9, "size": 50},  # allocated before recording began
+             {"action": "alloc", "addr": 3, "size": 200, "frames": []},
+             {"action": "free_completed", "addr": 3, "size": 200},
+             {"action": "alloc", "addr": 4, "size": 10, "frames": ours}]
+    peak, sites = live_at_peak(trace, before_bytes=1000, root=ROOT)
+    assert peak == 1000 + 300 - 50 + 200  # after the third allocation
+    assert sites == {BEFORE: [950, 0], "modeling_chatglm.py:12 forward [compiled]": [300, 1],
+                     "outside the project: no Python frame (autograd's engine)": [200, 1]}
+    trace.insert(2, {"action": "free_requested", "addr": 2, "size": 300})  # its reuse waits for another stream
+    assert live_at_peak(trace, 1000, ROOT)[1][f"{DEFERRED}: modeling_chatglm.py:12 forward [compiled]"] == [300, 1]
