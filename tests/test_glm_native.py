@@ -78,6 +78,8 @@ def test_layouts_follow_the_tokenizers_chat_template(family_model_dirs, family_n
 @pytest.mark.parametrize("script, args, message", [
     ("finetuning_pt.py", [], "P-Tuning's prefix encoder is part of our model files"),
     ("finetuning_lora.py", ["--compile"], "--compile: compiling transformer blocks is set up for our model files"),
+    ("finetuning_lora.py", ["--gradient_checkpointing", "mlp"], "--gradient_checkpointing mlp recomputes our model "
+                                                                "files' MLPs only"),
 ])
 def test_what_only_our_model_files_do_is_refused_in_one_line(family_model_dirs, few_rows, tmp_path, script, args,
                                                              message):
