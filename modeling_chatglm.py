@@ -289,11 +289,11 @@ def head_cross_entropy(head, hidden, targets):
     [rows, vocab] float32 logits (at 768 labels of ChatGLM-6B, 0.4 GB per copy, three copies alive around the
     backward). fp16 keeps the plain path: its gradient is only safe from underflow once the loss scale is in it;
     so do a trained head (full fine-tuning) and a head whose weight DeepSpeed ZeRO-3 has partitioned."""
-    weight = getattr(head, "weight", None)
-    if LOSS_SLICE_LOGITS and type(head) is nn.Linear and head.bias is None and not weight.requires_grad and not hasattr(weight, "ds_id") \
-            and hidden.dtype in (torch.bfloat16, torch.float32) and not head._forward_hooks \
-            and not head._forward_pre_hooks:
-        return SlicedHeadLoss.apply(hidden, weight, targets, max(1, LOSS_SLICE_LOGITS // weight.shape[0]))
+    plain_linear = type(head) is nn.Linear and head.bias is None and not head._forward_hooks \
+        and not head._forward_pre_hooks
+    if LOSS_SLICE_LOGITS and plain_linear and not head.weight.requires_grad and not hasattr(head.weight, "ds_id") \
+            and hidden.dtype in (torch.bfloat16, torch.float32):
+        return SlicedHeadLoss.apply(hidden, head.weight, targets, max(1, LOSS_SLICE_LOGITS // head.weight.shape[0]))
     return F.cross_entropy(head(hidden).float(), targets, ignore_index=-100)
 
 
@@ -359,8 +359,8 @@ class NonReentrantCheckpointing:
         super().gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
     def recompute_mlp_enable(self):
-        """Checkpoint only each block's widening matmul and activation (see RecomputedInner): a third of the
-        blocks' forward recomputed, for most of what the frozen blocks keep for the backward."""
+        """Checkpoint only each block's widening matmul and activation (see RecomputedInner). ChatGLM-6B: a third
+        of a block's forward matmuls recomputed, for ~40% of what a frozen block keeps for the backward."""
         found = [m for m in self.modules() if isinstance(m, RecomputedInner)]
         if not found:
             raise ValueError(f"--gradient_checkpointing mlp: {type(self).__name__} has no MLP that can recompute")
@@ -438,12 +438,13 @@ class SelfAttention(nn.Module):
 
 class RecomputedInner:
     """Mixin for a block's MLP: with `recompute_inner` set, the widening matmul and its activation are recomputed in
-    the backward instead of keeping the wide pre-activation (4x the hidden size per token, the largest saved
-    tensor of a block whose base is frozen): what `--gradient_checkpointing mlp` turns on."""
+    the backward instead of keeping the wide pre-activation (ChatGLM-6B: 4x the hidden size per token; ChatGLM2/3's
+    gate and up: 6.7x), the largest tensor a block whose base is frozen saves: `--gradient_checkpointing mlp`."""
     recompute_inner = False
 
     def forward(self, x):
         if self.recompute_inner and torch.is_grad_enabled():
+            # no dropout inside: no RNG state to keep (reading it is refused while a CUDA graph is captured)
             inner = checkpoint(self.inner, x, use_reentrant=False, preserve_rng_state=False)
         else:
             inner = self.inner(x)
