@@ -720,6 +720,8 @@ def main():
         globals()["official_config"] = lambda **overrides: six_b(**{"num_layers": args.num_layers, **overrides})
     from training import TRAINING_CUBLAS_WORKSPACE
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", TRAINING_CUBLAS_WORKSPACE)  # as the training scripts run
+    if args.quantization_bit or args.quantization:  # as training.choose_allocator does for a quantized base
+        os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     if args.plain_loss:
         import modeling_chatglm
         modeling_chatglm.LOSS_SLICE_LOGITS = 0

@@ -137,3 +137,20 @@ def test_training_runs_take_a_small_cublas_workspace_unless_the_user_chose_one(m
     with pytest.raises(SystemExit):  # --help: the setting comes before the arguments are read
         training.main(finetuning_lora.LoRA(), ["--help"])
     assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == (preset or ":4096:1")
+
+
+@pytest.mark.parametrize("options, preset, expected", [
+    ({"quantization_bit": 4}, None, "expandable_segments:True"),
+    ({"quantization": "nf4"}, None, "expandable_segments:True"),
+    ({}, None, None),  # a bf16 base keeps PyTorch's default
+    ({"quantization_bit": 4}, "max_split_size_mb:128", "max_split_size_mb:128"),  # the user's value wins
+])
+def test_quantized_bases_get_growing_allocator_segments(tiny_model_dir, monkeypatch, options, preset, expected):
+    from training import choose_allocator
+    if preset is None:
+        monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF", raising=False)
+    else:
+        monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", preset)
+    choose_allocator(argparse.Namespace(**{"quantization_bit": None, "quantization": None,
+                                           "model_dir": tiny_model_dir, **options}))
+    assert os.environ.get("PYTORCH_CUDA_ALLOC_CONF") == expected
