@@ -174,7 +174,8 @@ class PackedRows:
     backward too), and every index is built here once per forward, on the device, at sizes fixed by the width
     and row count: nothing waits for the host, and a step with packed rows can be captured as a CUDA graph."""
 
-    def __init__(self, rows, width, prefix_keys, bidirectional):
+    def __init__(self, rows, width, prefix_keys, bidirectional, recompute=False):
+        self.recompute = recompute
         lengths = rows[:, 0]
         both_ways = rows[:, 1] if bidirectional else torch.zeros_like(lengths)
         row_of, _, in_both_ways = packed_row_layout(torch.stack([lengths, both_ways], 1), width)
@@ -204,7 +205,19 @@ class PackedRows:
         self.both_ways_keys = with_prefix_slots(slot, prefix_starts, prefix_keys) if prefix_keys else self.regather
 
     def attend(self, query, key, value):
-        """query [1, heads, width, head_dim], key/value [1, kv_heads, prefix_keys + width, head_dim] -> like query."""
+        """query [1, heads, width, head_dim], key/value [1, kv_heads, prefix_keys + width, head_dim] -> like query.
+
+        With `recompute` the backward keeps only the query, key and value and runs the gathers and the kernels'
+        forward again, instead of keeping the gathered copies and each call's output (ChatGLM-6B's two calls: more
+        than twice the query, key and value). The value is copied out of the fused projection's output, which it
+        would otherwise keep alive whole."""
+        if self.recompute and torch.is_grad_enabled():
+            # no dropout in the kernels: no RNG state to keep (reading it is refused while a CUDA graph is captured)
+            return checkpoint(self.attend_once, query, key, value.contiguous(), use_reentrant=False,
+                              preserve_rng_state=False)
+        return self.attend_once(query, key, value)
+
+    def attend_once(self, query, key, value):
         query, key, value = (t[0].transpose(0, 1) for t in (query, key, value))  # flash's layout: [tokens, heads, dim]
         width = query.shape[0]
         if self.bidirectional:
@@ -229,14 +242,15 @@ def with_soft_prompt_per_row(hidden, rows, soft_prompt):
     return hidden.index_copy(1, slots, soft_prompt.repeat(rows.shape[0], 1)[None])
 
 
-def packed_rows_attention(rows, hidden, prefix_keys, bidirectional, config, cached):
+def packed_rows_attention(rows, hidden, prefix_keys, bidirectional, config, cached, recompute=False):
     """What the layers attend with for rows packed into one sequence (`rows` [n, 2], see data_set.PackRows):
-    flash attention over each row's own blocks where it runs, else the block-diagonal mask."""
+    flash attention over each row's own blocks where it runs (`recompute`: see PackedRows.attend), else the
+    block-diagonal mask."""
     if cached:
         raise ValueError("packed rows are for training: they take no cache")
     width, head_dim = hidden.shape[1], getattr(config, "kv_channels", config.hidden_size // config.num_attention_heads)
     if config._attn_implementation != "eager" and flash_varlen_available(hidden, head_dim):
-        return PackedRows(rows, width, prefix_keys, bidirectional)
+        return PackedRows(rows, width, prefix_keys, bidirectional, recompute)
     return packed_rows_mask(rows, width, prefix_keys)
 
 
@@ -358,14 +372,18 @@ class NonReentrantCheckpointing:
         kwargs = {"use_reentrant": False, "preserve_rng_state": bool(dropout), **(gradient_checkpointing_kwargs or {})}
         super().gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
-    def recompute_mlp_enable(self):
+    def recompute_mlp_enable(self, attention=False):
         """Checkpoint only each block's widening matmul and activation (see RecomputedInner). ChatGLM-6B: a third
-        of a block's forward matmuls recomputed, for ~40% of what a frozen block keeps for the backward."""
+        of a block's forward matmuls recomputed, for ~40% of what a frozen block keeps for the backward. With
+        `attention`, packed rows' attention kernels too (PackedRows.attend)."""
         found = [m for m in self.modules() if isinstance(m, RecomputedInner)]
         if not found:
             raise ValueError(f"--gradient_checkpointing mlp: {type(self).__name__} has no MLP that can recompute")
         for module in found:
             module.recompute_inner = True
+        for module in self.modules():
+            if isinstance(module, PromptSlots):
+                module.recompute_packed_attention = attention
 
 
 class PrefixEncoder(nn.Module):
@@ -515,6 +533,7 @@ class ChatGLMPreTrainedModel(NonReentrantCheckpointing, PreTrainedModel):
 
 class PromptSlots:
     """Mixin for the base models of both model files: where the trained prompt sits in the cache."""
+    recompute_packed_attention = False  # --gradient_checkpointing mlp+attention (PackedRows.attend)
 
     @property
     def num_virtual_tokens(self):
@@ -588,7 +607,8 @@ class ChatGLMModel(PromptSlots, ChatGLMPreTrainedModel):
             position_ids = torch.cat([soft_positions, position_ids], dim=2)
 
         if packed_rows is not None:
-            mask = packed_rows_attention(packed_rows, hidden, self.num_prefix_keys, True, self.config, past)
+            mask = packed_rows_attention(packed_rows, hidden, self.num_prefix_keys, True, self.config, past,
+                                         self.recompute_packed_attention)
         else:
             mask = self.build_attention_mask(input_ids, attention_mask, past, first_call, virtual)
         prefix_kv = None

@@ -256,7 +256,8 @@ class ChatGLMModel(PromptSlots, ChatGLMPreTrainedModel):
             position_ids = torch.cat([torch.arange(virtual, device=device)[None].expand(batch, -1), position_ids], 1)
         cos, sin = rotary_cos_sin(position_ids, self.config.kv_channels, self.config.rope_ratio, hidden.dtype)
         if packed_rows is not None:
-            mask = packed_rows_attention(packed_rows, hidden, self.num_prefix_keys, False, self.config, past)
+            mask = packed_rows_attention(packed_rows, hidden, self.num_prefix_keys, False, self.config, past,
+                                         self.recompute_packed_attention)
         else:
             mask = self.build_attention_mask(attention_mask, batch, seq, past, first_call, device)
         prefix_kv = self.prefix_key_values(batch, hidden.dtype) if first_call and self.num_prefix_keys else None

@@ -105,12 +105,15 @@ def build_parser(method):
                        help="quantize the frozen base's block linears with bitsandbytes instead: nf4 (QLoRA: NF4 with "
                             "double quantization, matmuls in the training precision) or int8 (LLM.int8()); needs "
                             "pip install bitsandbytes; checkpoints are the same")
-    model.add_argument("--gradient_checkpointing", nargs="?", const="blocks", choices=["blocks", "mlp"], default=None,
+    model.add_argument("--gradient_checkpointing", nargs="?", const="blocks", default=None,
+                       choices=["blocks", "mlp", "mlp+attention"],
                        help="recompute activations in the backward instead of keeping them: less memory, slower "
                             "steps. Bare or 'blocks': every block's whole forward (least memory); 'mlp': only each "
                             "block's widening matmul and activation, whose output is the largest thing a frozen "
                             "block keeps. LoRA on INT4, H200: none 39.0 ms/step, 8.5 GiB; mlp 43.9 ms, 7.6 GiB (same "
-                            "run); blocks 56.5 ms, 5.6 GiB (another; bench/results/README.md)")
+                            "run); blocks 56.5 ms, 5.6 GiB (another; bench/results/README.md). 'mlp+attention': "
+                            "also the packed rows' attention kernels, keeping only their query, key and value (not "
+                            "yet measured on a GPU)")
     model.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                        help="torch.compile each transformer block: steps ~22%% faster (H200, LoRA), after 55-80 s "
                             "of compiling before the first step on a fresh machine (~35 s when the compile cache "
@@ -813,12 +816,12 @@ def run(method, args, rank, world_size, device):
                            args.group_by_length)
     _, total_steps = schedule_length(args, sampler)
     args.compile = resolve_compile(args, device, family, total_steps)  # before the weights: a refusal comes at once
-    if args.gradient_checkpointing == "mlp" and "recompute_mlp" in family.limits:
+    if args.gradient_checkpointing in ("mlp", "mlp+attention") and "recompute_mlp" in family.limits:
         raise SystemExit(f"error: {family.limits['recompute_mlp']}")
     model = load_base_model(args, method, family, device)
     mark_startup("weights")
-    if args.gradient_checkpointing == "mlp":
-        model.recompute_mlp_enable()
+    if args.gradient_checkpointing in ("mlp", "mlp+attention"):
+        model.recompute_mlp_enable(attention=args.gradient_checkpointing == "mlp+attention")
     elif args.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     model = method.prepare(model, args, family)

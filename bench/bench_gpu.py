@@ -271,8 +271,8 @@ def run_training_variant(method, gradient_checkpointing, reference, steps, warmu
     quantize_if_asked(model, keep=trained_layers if method == "freeze" else ())
     if reference:
         model.config._attn_implementation = "eager"
-    if gradient_checkpointing == "mlp":
-        model.recompute_mlp_enable()
+    if gradient_checkpointing in ("mlp", "mlp+attention"):
+        model.recompute_mlp_enable(attention=gradient_checkpointing == "mlp+attention")
     elif gradient_checkpointing:
         model.gradient_checkpointing_enable()
     model.train()
@@ -654,8 +654,9 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--all", action="store_true", help="every variant and prediction; writes --out")
     parser.add_argument("--variant", choices=list(METHODS), help="one training variant")
-    parser.add_argument("--gc", nargs="?", const="blocks", choices=["blocks", "mlp"], default=None,
-                        help="with gradient checkpointing: whole blocks (bare) or only the MLPs' inner part")
+    parser.add_argument("--gc", nargs="?", const="blocks", choices=["blocks", "mlp", "mlp+attention"], default=None,
+                        help="with gradient checkpointing: whole blocks (bare), only the MLPs' inner part, or that and "
+                             "the packed rows' attention kernels")
     parser.add_argument("--reference", action="store_true", help="the reference configuration")
     parser.add_argument("--no_compile", action="store_true", help="ours without torch.compile of the blocks")
     parser.add_argument("--predict", action="store_true")

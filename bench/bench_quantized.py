@@ -40,7 +40,7 @@ def run(arguments):
 
 
 def checkpointing_options(kind):
-    """bench_gpu.py's options for a checkpointing kind: none, mlp (each MLP's inner part), blocks (whole blocks)."""
+    """bench_gpu.py's options for a checkpointing kind: none, mlp, mlp+attention, blocks (see bench_gpu.py --gc)."""
     return [] if kind == "none" else ["--gc", kind]
 
 
@@ -105,8 +105,8 @@ def main():
     parser.add_argument("--warmup", type=int, default=8)
     parser.add_argument("--new_tokens", type=int, default=315)
     parser.add_argument("--gc", default="none", help="checkpointing kinds, comma-separated: none, mlp (each MLP's "
-                        "inner part), blocks (whole blocks); the recomputation is captured in the CUDA-graph step, "
-                        "as the training scripts run it")
+                        "inner part), mlp+attention (and the packed rows' attention kernels), blocks (whole blocks); "
+                        "the recomputation is captured in the CUDA-graph step, as the training scripts run it")
     parser.add_argument("--skip_predict", action="store_true")
     parser.add_argument("--skip_training", action="store_true")
     parser.add_argument("--out", default=None, help="folder for bench_quantized.json / .md")

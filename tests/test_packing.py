@@ -66,6 +66,27 @@ def test_packed_rows_give_the_padded_batchs_loss_and_gradients(family_model_dirs
         torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("family", ["chatglm", "chatglm2"])
+def test_mlp_and_attention_recomputed_give_the_same_loss_and_gradients(family_model_dirs, family, flash_by_hand):
+    folder = family_model_dirs[family]
+    model = load_model(folder, dtype=torch.float32).train()
+    rows, tokenizer = rows_for(folder, SHORT + LONG)
+    packed, _ = packed_and_padded(folder, rows, tokenizer, model.config)
+    results = []
+    for recompute in (False, True):
+        if recompute:
+            model.recompute_mlp_enable(attention=True)
+        model.zero_grad()
+        loss = model(**packed, loss_only=True).loss
+        loss.backward()
+        results.append((loss.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]))
+    assert model.transformer.recompute_packed_attention
+    (loss, grads), (again, grads_again) = results
+    torch.testing.assert_close(again, loss)
+    for got, expected in zip(grads_again, grads):
+        torch.testing.assert_close(got, expected)
+
+
 def test_each_row_sees_only_itself_and_padding_nothing_real(family_model_dirs):
     folder = family_model_dirs["chatglm"]
     rows, tokenizer = rows_for(folder, SHORT)
@@ -147,6 +168,35 @@ def test_packed_rows_index_the_kernel_as_the_mask_does(bidirectional, prefix_key
     grads = torch.autograd.grad((got * weights).sum(), (query, key, value))
     for grad, expected_grad in zip(grads, torch.autograd.grad((expected * weights).sum(), (query, key, value))):
         torch.testing.assert_close(grad, expected_grad)
+
+
+@pytest.mark.parametrize("bidirectional, prefix_keys", [(True, 0), (True, 3), (False, 3)])
+def test_recomputed_packed_attention_keeps_only_its_inputs_and_gives_the_same_gradients(bidirectional, prefix_keys,
+                                                                                       monkeypatch):
+    """--gradient_checkpointing mlp+attention: the gathers and kernels run again in the backward."""
+    monkeypatch.setattr(modeling_chatglm, "flash_varlen", varlen_attention_by_hand)
+    torch.manual_seed(0)
+    rows = torch.tensor([[5, 3], [1, 0], [4, 4], [6, 2]]) if bidirectional else torch.tensor([[5, 0], [1, 0], [10, 0]])
+    width, heads, groups, dim = int(rows[:, 0].sum()), 4, 2, 8
+    qkv = torch.randn(1, heads + 2 * groups, prefix_keys + width, dim, requires_grad=True)
+    weights = torch.randn(1, heads, width, dim)
+    results = {}
+    for recompute in (False, True):
+        saved = []
+
+        def pack(t):
+            saved.append(t.numel() * t.element_size() if t.is_floating_point() else 0)
+            return t
+        # the value is a view of a larger projection output, as in the model
+        query, key, value = qkv[:, :heads, prefix_keys:], qkv[:, heads:heads + groups], qkv[:, heads + groups:]
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out = PackedRows(rows, width, prefix_keys, bidirectional, recompute).attend(query, key, value)
+        results[recompute] = out, torch.autograd.grad((out * weights).sum(), qkv), sum(saved)
+    (out, (grad,), _), (again, (grad_again,), kept) = results[False], results[True]
+    torch.testing.assert_close(again, out)
+    torch.testing.assert_close(grad_again, grad)
+    inputs = (heads * width + 2 * groups * (prefix_keys + width)) * dim * 4  # query, key, value in float32
+    assert kept == inputs  # nothing of the kernels' or the gathers' outputs
 
 
 @GPU
