@@ -55,6 +55,7 @@ TINY = False  # --tiny: a 2-layer model on whatever device there is, to check th
 QUANTIZATION_BIT = 0  # --quantization_bit: the blocks' linears in THUDM's INT8/INT4 format (quantization.py)
 BNB_QUANTIZATION = None  # --quantization nf4|int8: the blocks' linears as bitsandbytes layers (QLoRA)
 MEMORY_LIMIT_GIB = None  # --memory_limit_gib: a cap on what the steps may allocate
+NUM_LAYERS = None  # --num_layers: fewer blocks than the 6B size
 
 
 def quantize_if_asked(model, keep=()):
@@ -119,7 +120,10 @@ def glm2_shaped():
 
 
 def official_config(**overrides):
-    """The official 6B configuration of the family being measured (the config classes' defaults)."""
+    """The official 6B configuration of the family being measured (the config classes' defaults); --num_layers
+    blocks if given."""
+    if NUM_LAYERS:
+        overrides = {"num_layers": NUM_LAYERS, **overrides}
     if glm2_shaped():
         from configuration_chatglm2 import ChatGLMConfig
         if FAMILY == "glm4":  # GLM-4-9B: 40 layers, vocab 151,552, rotary base 10000 x 500; the rest as ChatGLM2
@@ -714,11 +718,9 @@ def main():
     args = parser.parse_args()
     global TINY, FAMILY, QUANTIZATION_BIT, BNB_QUANTIZATION
     TINY, FAMILY, QUANTIZATION_BIT, BNB_QUANTIZATION = args.tiny, args.family, args.quantization_bit, args.quantization
-    global MEMORY_LIMIT_GIB
+    global MEMORY_LIMIT_GIB, NUM_LAYERS
     MEMORY_LIMIT_GIB = args.memory_limit_gib
-    if args.num_layers:
-        six_b = official_config
-        globals()["official_config"] = lambda **overrides: six_b(**{"num_layers": args.num_layers, **overrides})
+    NUM_LAYERS = args.num_layers
     from training import TRAINING_CUBLAS_WORKSPACE
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", TRAINING_CUBLAS_WORKSPACE)  # as the training scripts run
     if args.quantization_bit or args.quantization:  # as training.choose_allocator does for a quantized base
@@ -731,20 +733,17 @@ def main():
                 args.prediction_from, args.only.split(",") if args.only else None, args.block_graph_variants)
     elif args.merge:
         merge_reports(args.merge, args.out)
-    elif args.variant and args.memory_limit_gib:
+    elif args.variant:
         try:
             row = run_training_variant(args.variant, args.gc, args.reference, args.steps, args.warmup,
                                        not args.no_compile, args.compile_mode, args.bucket, args.step_graphs,
-                                       args.group_by_length, args.pack_rows)
+                                       args.group_by_length, args.pack_rows, args.profile_kernels,
+                                       args.find_host_waits, args.memory_at_peak)
         except torch.cuda.OutOfMemoryError as err:
+            if not args.memory_limit_gib:
+                raise
             row = {"method": args.variant, "out_of_memory": str(err).splitlines()[0][:300]}
         print(json.dumps({**row, "memory_limit_gib": args.memory_limit_gib}), flush=True)
-    elif args.variant:
-        print(json.dumps(run_training_variant(args.variant, args.gc, args.reference, args.steps, args.warmup,
-                                              not args.no_compile, args.compile_mode, args.bucket,
-                                              args.step_graphs, args.group_by_length, args.pack_rows,
-                                              args.profile_kernels, args.find_host_waits, args.memory_at_peak)),
-              flush=True)
         # shut the process group down before exit: once in a CI run (CPU) a communication thread left running
         # aborted the process at exit ("terminate called without an active exception") after its result was printed
         torch.distributed.destroy_process_group()
