@@ -765,6 +765,17 @@ def describe_optimizer(engine, args):
     return f"optimizer: {name}, DeepSpeed ZeRO stage {engine.zero_optimization_stage()}"
 
 
+RECOMPUTE_MLP_KINDS = ("mlp", "mlp+attention")
+
+
+def enable_checkpointing(model, kind):
+    """--gradient_checkpointing: None, "blocks" (or True: the bare flag), "mlp" or "mlp+attention"."""
+    if kind in RECOMPUTE_MLP_KINDS:
+        model.recompute_mlp_enable(attention=kind == "mlp+attention")
+    elif kind:
+        model.gradient_checkpointing_enable()
+
+
 def choose_allocator(args):
     """On a quantized base (the small cards' case) PyTorch's allocator grows its segments instead of caching fixed
     ones: LoRA on INT4 with --gradient_checkpointing mlp held 11.3 GiB instead of 13.4 GiB (reserved) for the same
@@ -816,14 +827,11 @@ def run(method, args, rank, world_size, device):
                            args.group_by_length)
     _, total_steps = schedule_length(args, sampler)
     args.compile = resolve_compile(args, device, family, total_steps)  # before the weights: a refusal comes at once
-    if args.gradient_checkpointing in ("mlp", "mlp+attention") and "recompute_mlp" in family.limits:
+    if args.gradient_checkpointing in RECOMPUTE_MLP_KINDS and "recompute_mlp" in family.limits:
         raise SystemExit(f"error: {family.limits['recompute_mlp']}")
     model = load_base_model(args, method, family, device)
     mark_startup("weights")
-    if args.gradient_checkpointing in ("mlp", "mlp+attention"):
-        model.recompute_mlp_enable(attention=args.gradient_checkpointing == "mlp+attention")
-    elif args.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
+    enable_checkpointing(model, args.gradient_checkpointing)
     model = method.prepare(model, args, family)
     if args.compile:
         compile_blocks(model)

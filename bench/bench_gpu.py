@@ -262,7 +262,7 @@ def run_training_variant(method, gradient_checkpointing, reference, steps, warmu
                          profile_kernels=False, find_host_waits=False, memory_at_peak=False):
     from model_family import FAMILIES
     from data_set import labelled_positions
-    from training import build_engine, compile_blocks, setup_distributed
+    from training import build_engine, compile_blocks, enable_checkpointing, setup_distributed
     spec = METHODS[method]
     _, _, device = setup_distributed()
     torch.manual_seed(0)
@@ -275,10 +275,7 @@ def run_training_variant(method, gradient_checkpointing, reference, steps, warmu
     quantize_if_asked(model, keep=trained_layers if method == "freeze" else ())
     if reference:
         model.config._attn_implementation = "eager"
-    if gradient_checkpointing in ("mlp", "mlp+attention"):
-        model.recompute_mlp_enable(attention=gradient_checkpointing == "mlp+attention")
-    elif gradient_checkpointing:
-        model.gradient_checkpointing_enable()
+    enable_checkpointing(model, gradient_checkpointing)
     model.train()
     module = __import__(spec["module"])
     args = method_args(spec, "fp16" if reference else "bf16")
@@ -721,10 +718,10 @@ def main():
     global MEMORY_LIMIT_GIB, NUM_LAYERS
     MEMORY_LIMIT_GIB = args.memory_limit_gib
     NUM_LAYERS = args.num_layers
-    from training import TRAINING_CUBLAS_WORKSPACE
+    from training import TRAINING_CUBLAS_WORKSPACE, choose_allocator
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", TRAINING_CUBLAS_WORKSPACE)  # as the training scripts run
-    if args.quantization_bit or args.quantization:  # as training.choose_allocator does for a quantized base
-        os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+    choose_allocator(SimpleNamespace(quantization_bit=args.quantization_bit, quantization=args.quantization,
+                                     model_dir="random"))
     if args.plain_loss:
         import modeling_chatglm
         modeling_chatglm.LOSS_SLICE_LOGITS = 0
