@@ -200,10 +200,12 @@ def test_recomputed_packed_attention_keeps_only_its_inputs_and_gives_the_same_gr
 
 
 @GPU
+@pytest.mark.parametrize("recompute", [False, True])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("bidirectional", [True, False])
 @pytest.mark.parametrize("prefix_keys", [0, 16])
-def test_flash_attention_over_packed_rows_equals_the_masked_attention(bidirectional, prefix_keys, dtype):
+def test_flash_attention_over_packed_rows_equals_the_masked_attention(bidirectional, prefix_keys, dtype, recompute):
+    """recompute: --gradient_checkpointing mlp+attention runs the kernels again in the backward."""
     torch.manual_seed(0)
     lengths = [300, 17, 451, 0] if bidirectional else [300, 17, 451]
     rows = torch.tensor([[n, n * 2 // 3] if bidirectional else [n, 0] for n in lengths])
@@ -213,7 +215,7 @@ def test_flash_attention_over_packed_rows_equals_the_masked_attention(bidirectio
     key, value = (torch.randn(1, groups, prefix_keys + width, dim, device="cuda", dtype=dtype, requires_grad=True)
                   for _ in range(2))
     rows = rows.cuda()
-    got = PackedRows(rows, width, prefix_keys, bidirectional).attend(query, key, value)
+    got = PackedRows(rows, width, prefix_keys, bidirectional, recompute).attend(query, key, value)
     expected = torch.nn.functional.scaled_dot_product_attention(
         query.float(), key.float().repeat_interleave(16, dim=1), value.float().repeat_interleave(16, dim=1),
         attn_mask=packed_rows_mask(rows, width, prefix_keys))

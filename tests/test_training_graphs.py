@@ -2,8 +2,9 @@
 import pytest
 import torch
 
-from data_set import PadToLongest, labelled_positions
+from data_set import PackRows, PadToLongest, labelled_positions
 from model_family import family_for, load_model, load_tokenizer
+from training import enable_checkpointing
 
 
 def rows_for(folder, texts_and_answers):
@@ -75,14 +76,14 @@ def graphed_and_eager_steps(folder, method, checkpointing=False):
     else:
         for name, p in model.named_parameters():
             p.requires_grad = "prefix_encoder" in name
-    if checkpointing == "mlp":
-        model.recompute_mlp_enable()
-    elif checkpointing:
-        model.gradient_checkpointing_enable()
+    enable_checkpointing(model, checkpointing)
     model.train()
     short, tokenizer = rows_for(folder, SHORT)
     long, _ = rows_for(folder, LONG)
     pad = PadToLongest(tokenizer.pad_token_id, 8, with_label_positions=True)
+    if checkpointing == "mlp+attention":  # its attention part recomputes the packed rows' kernels
+        pad = PackRows(tokenizer.pad_token_id, family_for(folder).packed_row_inputs, model.config, 8,
+                       with_label_positions=True)
     batches = [pad(short), pad(long), pad(short[::-1])]
     assert batches[0]["input_ids"].shape != batches[1]["input_ids"].shape
     trained = [p for p in model.parameters() if p.requires_grad]
@@ -104,11 +105,12 @@ def graphed_and_eager_steps(folder, method, checkpointing=False):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
-@pytest.mark.parametrize("checkpointing", [False, True, "mlp"])
+@pytest.mark.parametrize("checkpointing", [False, True, "mlp", "mlp+attention"])
 @pytest.mark.parametrize("method", ["lora", "prefix"])
 @pytest.mark.parametrize("family", ["chatglm", "chatglm2"])
 def test_graph_replay_gives_the_eager_loss_and_gradients(family_model_dirs, family, method, checkpointing):
-    """With --gradient_checkpointing (blocks or mlp) too: the recomputation is captured into the backward graph."""
+    """With --gradient_checkpointing (blocks, mlp, mlp+attention over packed rows) too: the recomputation is
+    captured into the backward graph."""
     results, captured = graphed_and_eager_steps(family_model_dirs[family], method, checkpointing)
     assert captured == 2  # the third batch has the first one's shape: replayed, not captured again
     for (loss, grads), (eager_loss, eager_grads) in zip(results["graphed"], results["eager"]):
