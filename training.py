@@ -106,14 +106,14 @@ def build_parser(method):
                             "double quantization, matmuls in the training precision) or int8 (LLM.int8()); needs "
                             "pip install bitsandbytes; checkpoints are the same")
     model.add_argument("--gradient_checkpointing", nargs="?", const="blocks", default=None,
-                       choices=["blocks", "mlp", "mlp+attention"],
+                       choices=["none", "blocks", "mlp", "mlp+attention"],
                        help="recompute activations in the backward instead of keeping them: less memory, slower "
-                            "steps. Bare or 'blocks': every block's whole forward (least memory); 'mlp': only each "
-                            "block's widening matmul and activation, whose output is the largest thing a frozen "
-                            "block keeps. LoRA on INT4, H200: none 39.0 ms/step, 8.5 GiB; mlp 43.9 ms, 7.6 GiB (same "
-                            "run); blocks 56.5 ms, 5.6 GiB (another; bench/results/README.md). 'mlp+attention': "
-                            "also the packed rows' attention kernels, keeping only their query, key and value (not "
-                            "yet measured on a GPU)")
+                            "steps. Bare or 'blocks': every block's whole forward; 'mlp': only each block's widening "
+                            "matmul and activation (the largest thing a frozen block keeps); 'mlp+attention': also "
+                            "the packed rows' attention kernels, keeping only their query, key and value. Default: "
+                            "mlp+attention on a GPU over an INT8/INT4/NF4 base (the small cards' case: LoRA on INT4, "
+                            "H200, 39.0 ms/step at ~7.6 GiB without it, 46.6 ms at 5.5 GiB with it), none otherwise "
+                            "(bench/results/README.md)")
     model.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                        help="torch.compile each transformer block: steps ~22%% faster (H200, LoRA), after 55-80 s "
                             "of compiling before the first step on a fresh machine (~35 s when the compile cache "
@@ -776,14 +776,33 @@ def enable_checkpointing(model, kind):
         model.gradient_checkpointing_enable()
 
 
+def quantized_base(args):
+    """Whether the run's base is quantized (--quantization_bit, --quantization or a pre-quantized folder)."""
+    from model_family import folder_quantization_bit
+    return bool(args.quantization_bit or args.quantization or folder_quantization_bit(args.model_dir))
+
+
+def resolve_gradient_checkpointing(args, device, family):
+    """--gradient_checkpointing: by default on a GPU over a quantized base, MLPs and packed attention recomputed
+    (LoRA on INT4, H200, same call: 46.6 ms/step at 5.54 GiB against 45.0 ms at 6.48 GiB with mlp alone, bf16 32.3
+    ms; without checkpointing ~39 ms at ~7.6 GiB, which an 8 GB card cannot hold beside the CUDA context). Transformers'
+    GLM classes (no recomputable MLP) keep none. 'none' turns it off; the result is None or a kind."""
+    kind = args.gradient_checkpointing
+    if kind is None and device.type == "cuda" and "recompute_mlp" not in family.limits and quantized_base(args):
+        kind = "mlp+attention" if args.pack_rows else "mlp"
+    if kind in RECOMPUTE_MLP_KINDS and "recompute_mlp" in family.limits:
+        raise SystemExit(f"error: {family.limits['recompute_mlp']}")
+    return None if kind == "none" else kind
+
+
 def choose_allocator(args):
     """On a quantized base (the small cards' case) PyTorch's allocator grows its segments instead of caching fixed
     ones: LoRA on INT4 with --gradient_checkpointing mlp held 11.3 GiB instead of 13.4 GiB (reserved) for the same
     7.6 GiB allocated and the same step time (H200, one call, bench/results/README.md "Eleventh session"). Before
     the first CUDA allocation; a PYTORCH_CUDA_ALLOC_CONF the user set wins."""
-    from model_family import ModelFolderError, folder_quantization_bit
+    from model_family import ModelFolderError
     try:
-        quantized = args.quantization_bit or args.quantization or folder_quantization_bit(args.model_dir)
+        quantized = quantized_base(args)
     except ModelFolderError:
         return  # reported where the model loads
     if quantized:
@@ -827,8 +846,7 @@ def run(method, args, rank, world_size, device):
                            args.group_by_length)
     _, total_steps = schedule_length(args, sampler)
     args.compile = resolve_compile(args, device, family, total_steps)  # before the weights: a refusal comes at once
-    if args.gradient_checkpointing in RECOMPUTE_MLP_KINDS and "recompute_mlp" in family.limits:
-        raise SystemExit(f"error: {family.limits['recompute_mlp']}")
+    args.gradient_checkpointing = resolve_gradient_checkpointing(args, device, family)
     model = load_base_model(args, method, family, device)
     mark_startup("weights")
     enable_checkpointing(model, args.gradient_checkpointing)
@@ -842,7 +860,8 @@ def run(method, args, rank, world_size, device):
     mark_startup("DeepSpeed")
     if rank == 0:
         print(f"{describe_optimizer(engine, args)}, {args.precision}; batches: "
-              f"{'rows packed into one sequence' if args.pack_rows else 'rows padded'}")
+              f"{'rows packed into one sequence' if args.pack_rows else 'rows padded'}"
+              f"{'; recomputed in the backward: ' + str(args.gradient_checkpointing) if args.gradient_checkpointing else ''}")
     progress = {"step": 0, "epoch": 0, "batches_done": 0}
     if resume_folder:
         progress = resume_from_checkpoint(engine, resume_folder, rank)
