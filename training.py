@@ -112,8 +112,8 @@ def build_parser(method):
                             "matmul and activation (the largest thing a frozen block keeps); 'mlp+attention': also "
                             "the packed rows' attention kernels, keeping only their query, key and value. Default: "
                             "mlp+attention on a GPU over an INT8/INT4/NF4 base (the small cards' case: LoRA on INT4, "
-                            "H200, 39.0 ms/step at ~7.6 GiB without it, 46.6 ms at 5.5 GiB with it), none otherwise "
-                            "(bench/results/README.md)")
+                            "H200, one run: 46.6 ms/step at 5.5 GiB; mlp alone 45.0 ms at 6.5 GiB; the bf16 base "
+                            "without checkpointing 32.3 ms at 15.3 GiB), none otherwise (bench/results/README.md)")
     model.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                        help="torch.compile each transformer block: steps ~22%% faster (H200, LoRA), after 55-80 s "
                             "of compiling before the first step on a fresh machine (~35 s when the compile cache "
@@ -784,8 +784,8 @@ def quantized_base(args):
 
 def resolve_gradient_checkpointing(args, device, family):
     """--gradient_checkpointing: by default on a GPU over a quantized base, MLPs and packed attention recomputed
-    (LoRA on INT4, H200, same call: 46.6 ms/step at 5.54 GiB against 45.0 ms at 6.48 GiB with mlp alone, bf16 32.3
-    ms; without checkpointing ~39 ms at ~7.6 GiB, which an 8 GB card cannot hold beside the CUDA context). Transformers'
+    (LoRA on INT4, H200, one call: 46.6 ms/step at 5.54 GiB against 45.0 ms at 6.48 GiB with mlp alone, bf16 32.3
+    ms; without checkpointing 39.0 ms at 8.5 GiB in an earlier call, more than an 8 GB card holds). Transformers'
     GLM classes (no recomputable MLP) keep none. 'none' turns it off; the result is None or a kind."""
     kind = args.gradient_checkpointing
     if kind is None and device.type == "cuda" and "recompute_mlp" not in family.limits and quantized_base(args):

@@ -167,7 +167,7 @@ def test_quantized_bases_get_growing_allocator_segments(tiny_model_dir, monkeypa
 ])
 def test_quantized_bases_recompute_mlps_and_attention_by_default_on_a_gpu(tiny_model_dir, device, options, limits,
                                                                           expected):
-    """The small cards' default: INT4 LoRA at 5.5 GiB instead of ~7.6 (H200, bench/results/README.md)."""
+    """The small cards' default: INT4 LoRA at 5.5 GiB within 1.5x of bf16 (H200, bench/results/README.md)."""
     from training import resolve_gradient_checkpointing
     family = argparse.Namespace(limits=limits)
     run = argparse.Namespace(**{"quantization_bit": None, "quantization": None, "model_dir": tiny_model_dir,
