@@ -1,10 +1,18 @@
 import os
+import signal
 import sys
 
 # One thread per process: the tests run two launches at once on CI's two cores, and tiny models gain nothing from a
 # second thread while two processes of two threads each spin against each other (300 tiny steps took 13 s in
 # each of two parallel launches, 2 s with one thread each). Set before torch is imported, here and in every launch.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+# Ctrl-C as a terminal sends it: a suite started in the background by a non-interactive shell (`.ci/run &`)
+# inherits SIGINT ignored, and so would every script it starts (an ignored signal stays ignored across exec), so the
+# tests that interrupt a run would see it train on (two failures in such a CI run; under coreutils' `timeout`, which
+# installs its own handler, they passed).
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 import pytest  # noqa: E402
 
