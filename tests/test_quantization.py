@@ -80,14 +80,9 @@ def test_int4_packing_round_trips_every_value():
 @pytest.fixture(scope="module")
 def prequantized_dirs(family_model_dirs, tmp_path_factory):
     """tools/quantize_model.py's INT4 folder of each family."""
-    folders = {}
-    for family, folder in family_model_dirs.items():
-        if family not in THUDM_FORMAT_FAMILIES:
-            continue
-        out = str(tmp_path_factory.mktemp(f"{family}-int4") / "model")
-        launch("tools/quantize_model.py", "--model_dir", folder, "--quantization_bit", 4, "--output_dir", out,
-               launcher=False)
-        folders[family] = out
+    folders = {family: str(tmp_path_factory.mktemp(f"{family}-int4") / "model") for family in THUDM_FORMAT_FAMILIES}
+    launch_all([("tools/quantize_model.py", "--model_dir", family_model_dirs[family], "--quantization_bit", 4,
+                 "--output_dir", out) for family, out in folders.items()], launcher=False)  # side by side
     return folders
 
 

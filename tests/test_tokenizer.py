@@ -78,7 +78,8 @@ def test_round_trip_on_every_row_of_shared_data(tokenizer):
     files = sorted(glob.glob(os.path.join(SHARED, "data", "*", "*.jsonl")))
     if not files:
         pytest.skip("../shared/data is not beside this checkout")
-    bad = [t for t in strings_in(files) if tokenizer.decode(tokenizer.encode(t, add_special_tokens=False)) != t]
+    texts = set(strings_in(files))  # each distinct string once: 6,818 of 12,516 (~12 s of CI)
+    bad = [t for t in texts if tokenizer.decode(tokenizer.encode(t, add_special_tokens=False)) != t]
     assert bad == []
 
 
