@@ -71,6 +71,11 @@ class Method:
 # Arguments
 # ----------------------------------------------------------------------------------------------------------------
 
+# --gradient_checkpointing's kinds (enable_checkpointing); the last two recompute inside our model files' blocks
+CHECKPOINTING_KINDS = ("blocks", "mlp", "mlp+attention")
+RECOMPUTE_MLP_KINDS = ("mlp", "mlp+attention")
+
+
 def build_parser(method):
     parser = argparse.ArgumentParser(
         description=f"Fine-tune ChatGLM ({method.title}). Launch with `deepspeed finetuning_{method.name}.py ...` (one GPU or "
@@ -106,7 +111,7 @@ def build_parser(method):
                             "double quantization, matmuls in the training precision) or int8 (LLM.int8()); needs "
                             "pip install bitsandbytes; checkpoints are the same")
     model.add_argument("--gradient_checkpointing", nargs="?", const="blocks", default=None,
-                       choices=["none", "blocks", "mlp", "mlp+attention"],
+                       choices=["none", *CHECKPOINTING_KINDS],
                        help="recompute activations in the backward instead of keeping them: less memory, slower "
                             "steps. Bare or 'blocks': every block's whole forward; 'mlp': only each block's widening "
                             "matmul and activation (the largest thing a frozen block keeps); 'mlp+attention': also "
@@ -763,9 +768,6 @@ def describe_optimizer(engine, args):
         return (f"optimizer: {name} (each of {engine.optimizer.world_size} processes steps 1/"
                 f"{engine.optimizer.world_size} of the trained parameters, as ZeRO-1; gradients reduce-scattered)")
     return f"optimizer: {name}, DeepSpeed ZeRO stage {engine.zero_optimization_stage()}"
-
-
-RECOMPUTE_MLP_KINDS = ("mlp", "mlp+attention")
 
 
 def enable_checkpointing(model, kind):

@@ -652,10 +652,11 @@ def markdown_table(report):
 
 
 def main():
+    from training import CHECKPOINTING_KINDS
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--all", action="store_true", help="every variant and prediction; writes --out")
     parser.add_argument("--variant", choices=list(METHODS), help="one training variant")
-    parser.add_argument("--gc", nargs="?", const="blocks", choices=["blocks", "mlp", "mlp+attention"], default=None,
+    parser.add_argument("--gc", nargs="?", const="blocks", choices=CHECKPOINTING_KINDS, default=None,
                         help="with gradient checkpointing: whole blocks (bare), only the MLPs' inner part, or that and "
                              "the packed rows' attention kernels")
     parser.add_argument("--reference", action="store_true", help="the reference configuration")
