@@ -103,10 +103,18 @@ class StaticKVCache:
         return output.reshape(batch, heads, 1, head_dim)
 
 
+def cache_bytes_per_token(config, dtype_bytes=2):
+    """Cache bytes one token takes in every layer (keys and values), from the model's configuration: ChatGLM-6B
+    caches every head, ChatGLM2/3 and GLM-4 (`multi_query_group_num`, transformers' `num_key_value_heads`) a few."""
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "multi_query_group_num", None) or heads
+    head_dim = getattr(config, "kv_channels", None) or config.hidden_size // heads
+    return 2 * config.num_layers * kv_heads * head_dim * dtype_bytes
+
+
 def leading_keys(model):
     """Cache slots before the prompt's tokens: P-Tuning v2 prefix keys or soft prompt tokens."""
-    transformer = model.transformer
-    return transformer.num_prefix_keys + transformer.num_virtual_tokens
+    return model.leading_cache_slots
 
 
 class StaticDecoder:
@@ -191,11 +199,7 @@ class SlotDecoder:
 
     @staticmethod
     def bytes_per_token(config, dtype_bytes=2):
-        """Cache bytes one token takes in every layer (keys and values), from the model's configuration."""
-        heads = config.num_attention_heads
-        kv_heads = getattr(config, "multi_query_group_num", None) or heads
-        head_dim = getattr(config, "kv_channels", None) or config.hidden_size // heads
-        return 2 * config.num_layers * kv_heads * head_dim * dtype_bytes
+        return cache_bytes_per_token(config, dtype_bytes)
 
     def admit(self, rows, prompts):
         """Run `prompts` (lists of ids) into the free slots `rows`; returns their next-token logits [n, vocab]."""

@@ -27,10 +27,6 @@ class PTuning(Method):
                             help="soft prompt embeddings at the input only (P-Tuning v1), not per-layer keys/values")
         parser.add_argument("--prefix_dropout", type=float, default=0.1, help="dropout on the prompt while training")
 
-    def check_arguments(self, args, family, config):
-        super().check_arguments(args, family, config)
-        family.check_supports("p_tuning")
-
     def config_overrides(self, args):
         return {"pre_seq_len": args.pre_seq_len, "prefix_projection": args.prefix_projection,
                 "prompt_embedding_only": args.prompt_embedding_only, "prefix_dropout": args.prefix_dropout}

@@ -3,8 +3,8 @@
 A family names its model, config and tokenizer classes, the files of its folder, how a training row and a
 generation prompt are laid out in tokens, and the parameter names that the fine-tuning methods touch. The
 scripts ask `family_for(model_dir)` and never look at a model's internals themselves. Families served: ChatGLM-6B,
-ChatGLM2-6B, ChatGLM3-6B, GLM-4-9B (THUDM's folders), and through transformers' own classes glm-4-9b-chat-hf and
-GLM-4-0414. Adding one means writing its layout functions and one `ModelFamily` entry in FAMILIES (its
+ChatGLM2-6B, ChatGLM3-6B, GLM-4-9B (THUDM's folders), and GLM-4 in transformers' layout (glm-4-9b-chat-hf,
+GLM-4-0414; modeling_glm4.py). Every family has every method and feature. Adding one means writing its layout functions and one `ModelFamily` entry in FAMILIES (its
 `recognise` says which folders are its own).
 
 Loading checks the folder first and fails with one line that names the path and what is wrong.
@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
-from transformers import Glm4Config, GlmConfig, PreTrainedTokenizerFast
+from transformers import PreTrainedTokenizerFast
 
 from configuration_chatglm import ChatGLMConfig
 from configuration_chatglm2 import ChatGLMConfig as ChatGLM2Config
@@ -23,7 +23,7 @@ from modeling_chatglm import ChatGLMForConditionalGeneration
 from modeling_chatglm import packed_row_inputs as chatglm6b_packed_row_inputs
 from modeling_chatglm2 import ChatGLMForConditionalGeneration as ChatGLM2ForConditionalGeneration
 from modeling_chatglm2 import packed_row_inputs as chatglm2_packed_row_inputs
-from modeling_glm_native import Glm4ForSuite, GlmForSuite
+from modeling_glm4 import Glm4ForCausalLM, Glm4SuiteConfig, GlmForCausalLM, GlmSuiteConfig
 from tokenization_chatglm import ChatGLMTokenizer
 from tokenization_chatglm2 import ChatGLMTokenizer as ChatGLM2Tokenizer
 from tokenization_glm4 import ChatGLM4Tokenizer
@@ -54,16 +54,11 @@ class ModelFamily:
     answer_text: Callable = str.strip  # generated text -> the answer
     # (one row's input_ids, model config) -> (position_ids, bool mask) of the row alone: for packing rows
     packed_row_inputs: Callable = None
-    limits: dict = field(default_factory=dict)  # feature -> why this family does not have it (see NATIVE_LIMITS)
     tokenizer_chat_template: bool = False  # chat prompts from the tokenizer's apply_chat_template
+    architectures: tuple = ()  # config.json's `architectures` this family loads (empty: any)
 
     def num_layers(self, config):
         return getattr(config, "num_layers", None) or config.num_hidden_layers
-
-    def check_supports(self, feature):
-        """Raise ModelFolderError with the one-line reason when the family lacks `feature`."""
-        if feature in self.limits:
-            raise ModelFolderError(f"{self.name}: {self.limits[feature]}")
 
     def layout_overhead(self, tokenizer):
         """Tokens the layout adds around a source and an answer (for length budgets)."""
@@ -248,7 +243,7 @@ GLM4 = ModelFamily(
 
 
 
-# ---- transformers' own GLM classes (glm-4-9b-chat-hf, GLM-4-0414): GLM-4's chat markers, a tokenizer.json -------
+# ---- GLM-4 in transformers' layout (glm-4-9b-chat-hf, GLM-4-0414): GLM-4's chat markers, a tokenizer.json ------
 
 def native_token(tokenizer, name):
     return tokenizer.convert_tokens_to_ids(name)
@@ -282,40 +277,24 @@ def native_prompt_ids(tokenizer, source_ids):
     return native_conversation_prompt(tokenizer, [("user", source_ids)])
 
 
-def native_packed_row_inputs(input_ids, config):
-    """One row alone: positions from 0 (transformers tells packed rows apart by positions restarting at 0)."""
-    return 0, torch.arange(input_ids.shape[0]), 0
-
-
-# what the suite's own model files do that transformers' classes do not, one line each (checked where used)
-NATIVE_LIMITS = {
-    "p_tuning": "P-Tuning's prefix encoder is part of our model files; transformers' GLM classes have none (use LoRA, "
-                "Freeze or full fine-tuning)",
-    "thudm_quantization": "THUDM's INT8/INT4 format is built into our model files (use --quantization nf4|int8, "
-                          "bitsandbytes)",
-    "static_decoder": "the static-cache decoder steps our model files (predict and serve use transformers' cache)",
-    "cuda_graphs": "the captured training step is checked on our model files only (not on transformers' GLM classes)",
-    "compile": "compiling transformer blocks is set up for our model files' blocks",
-    "recompute_mlp": "--gradient_checkpointing mlp recomputes our model files' MLPs only (use --gradient_checkpointing)",
-}
-
-
-def native_family(name, model_type, model_class, config_class):
+def transformers_layout_family(name, model_type, model_class, config_class):
     return ModelFamily(
         name=name, recognise=lambda config, model_dir: config.get("model_type") == model_type,
         config_class=config_class, model_class=model_class, tokenizer_class=PreTrainedTokenizerFast,
-        tokenizer_file="tokenizer.json", layers_prefix="model.layers.{}.", prompt_prefix="",
+        tokenizer_file="tokenizer.json", layers_prefix="model.layers.{}.", prompt_prefix="model.prefix_encoder.",
         lora_target="q_proj,k_proj,v_proj", build_training_ids=native_training_ids,
         build_prompt_ids=native_prompt_ids, build_conversation_ids=native_conversation_ids,
         build_conversation_prompt=native_conversation_prompt, stop_tokens=("<|user|>", "<|observation|>"),
-        answer_text=chatglm3_answer_text, packed_row_inputs=native_packed_row_inputs, limits=NATIVE_LIMITS,
-        tokenizer_chat_template=True)
+        answer_text=chatglm3_answer_text, packed_row_inputs=chatglm2_packed_row_inputs,
+        tokenizer_chat_template=True, architectures=(model_class.__name__,))
 
 
-GLM4_HF = native_family("glm4-hf", "glm", GlmForSuite, GlmConfig)
-GLM4_0414 = native_family("glm4-0414", "glm4", Glm4ForSuite, Glm4Config)
+GLM4_HF = transformers_layout_family("glm4-hf", "glm", GlmForCausalLM, GlmSuiteConfig)
+GLM4_0414 = transformers_layout_family("glm4-0414", "glm4", Glm4ForCausalLM, Glm4SuiteConfig)
 
 FAMILIES = {f.name: f for f in [CHATGLM6B, CHATGLM2, CHATGLM3, GLM4, GLM4_HF, GLM4_0414]}
+SERVED = ("served: ChatGLM-6B, ChatGLM2-6B, ChatGLM3-6B and GLM-4-9B in THUDM's layout (model_type chatglm), "
+          "glm-4-9b-chat-hf (glm: GlmForCausalLM), GLM-4-0414 (glm4: Glm4ForCausalLM)")
 
 
 def read_config_json(model_dir):
@@ -338,11 +317,18 @@ def family_for(model_dir, mode=None):
             raise ModelFolderError(f"--mode {mode}: unknown model family; known: {', '.join(FAMILIES)}")
         return FAMILIES[mode]
     config = read_config_json(model_dir)
+    path = os.path.join(model_dir, "config.json")
     for family in FAMILIES.values():
         if family.recognise(config, model_dir):
+            other = [a for a in config.get("architectures") or [] if family.architectures and
+                     a not in family.architectures]
+            if other:
+                raise ModelFolderError(f"{path}: architecture {other[0]} is not served (model_type "
+                                       f"{config.get('model_type')!r}: {', '.join(family.architectures)}); "
+                                       f"{SERVED}")
             return family
-    raise ModelFolderError(f"{os.path.join(model_dir, 'config.json')}: model_type {config.get('model_type')!r} is not "
-                           f"a model this suite serves (it serves {', '.join(FAMILIES)}; --mode forces one)")
+    raise ModelFolderError(f"{path}: model_type {config.get('model_type')!r} is not a model this suite serves; "
+                           f"{SERVED}; --mode forces a family")
 
 
 def check_weight_files(model_dir):
@@ -387,10 +373,6 @@ def load_model(model_dir, family=None, dtype=torch.float32, quantization_bit=0, 
     from quantization import bnb_quantize_model, check_bits, quantize_model
     family = family or family_for(model_dir)
     check_weight_files(model_dir)
-    if quantization_bit:
-        family.check_supports("thudm_quantization")
-    if config_overrides.get("pre_seq_len"):
-        family.check_supports("p_tuning")
     prequantized = folder_quantization_bit(model_dir)
     if quantization_bit:
         try:

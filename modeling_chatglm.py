@@ -457,8 +457,10 @@ class SelfAttention(nn.Module):
 class RecomputedInner:
     """Mixin for a block's MLP: with `recompute_inner` set, the widening matmul and its activation are recomputed in
     the backward instead of keeping the wide pre-activation (ChatGLM-6B: 4x the hidden size per token; ChatGLM2/3's
-    gate and up: 6.7x), the largest tensor a block whose base is frozen saves: `--gradient_checkpointing mlp`."""
+    gate and up: 6.7x), the largest tensor a block whose base is frozen saves: `--gradient_checkpointing mlp`.
+    `narrowing_linear` names the linear that takes the inner activation back to the hidden size."""
     recompute_inner = False
+    narrowing_linear = "dense_4h_to_h"
 
     def forward(self, x):
         if self.recompute_inner and torch.is_grad_enabled():
@@ -466,7 +468,7 @@ class RecomputedInner:
             inner = checkpoint(self.inner, x, use_reentrant=False, preserve_rng_state=False)
         else:
             inner = self.inner(x)
-        return self.dense_4h_to_h(inner)
+        return getattr(self, self.narrowing_linear)(inner)
 
 
 class GLU(RecomputedInner, nn.Module):
@@ -641,7 +643,38 @@ class ChatGLMModel(PromptSlots, ChatGLMPreTrainedModel):
         return glm_attention_mask(key_valid, context_len, past_keys, seq + virtual)
 
 
-class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin):
+class CausalLMForward:
+    """The causal-LM forward of every model file of the suite (mixin of a PreTrainedModel whose `base_model` is the
+    decoder stack): `loss_only=True` (training) projects only the positions that have a label, the same loss without
+    full logits (`label_positions`: those positions chosen beforehand, see `labelled_token_loss`); `packed_rows`: the
+    batch is rows packed into one sequence (data_set.PackRows); `logits_to_keep` for generation."""
+
+    def forward(self, input_ids=None, position_ids=None, attention_mask=None, past_key_values=None,
+                inputs_embeds=None, labels=None, use_cache=None, loss_only=False, logits_to_keep=0,
+                label_positions=None, packed_rows=None, **kwargs):
+        out = self.base_model(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask,
+                              past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
+                              packed_rows=packed_rows)
+        hidden, head = out.last_hidden_state, self.get_output_embeddings()
+        if labels is not None and loss_only:
+            loss = labelled_token_loss(head, hidden, labels, label_positions)
+            return CausalLMOutputWithPast(loss=loss, logits=None, past_key_values=out.past_key_values)
+        if logits_to_keep and labels is None:  # generation needs only the last positions' logits
+            hidden = hidden[:, -logits_to_keep:]
+        logits = head(hidden)
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
+                                   ignore_index=-100)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=out.past_key_values)
+
+    @property
+    def leading_cache_slots(self):
+        """Cache slots before a prompt's tokens: P-Tuning v2 prefix keys or soft prompt tokens (decoding.py)."""
+        return self.base_model.num_prefix_keys + self.base_model.num_virtual_tokens
+
+
+class ChatGLMForConditionalGeneration(CausalLMForward, ChatGLMPreTrainedModel, GenerationMixin):
     _tied_weights_keys = {"lm_head.weight": "transformer.word_embeddings.weight"}
 
     def __init__(self, config: ChatGLMConfig):
@@ -657,28 +690,6 @@ class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin):
 
     def set_output_embeddings(self, value):
         self.lm_head = value
-
-    def forward(self, input_ids=None, position_ids=None, attention_mask=None, past_key_values=None,
-                inputs_embeds=None, labels=None, use_cache=None, loss_only=False, logits_to_keep=0,
-                label_positions=None, packed_rows=None, **kwargs):
-        """`loss_only=True` (training) projects only the positions that have a label: the same loss, no full logits
-        (`label_positions`: those positions chosen beforehand, see `labelled_token_loss`). `packed_rows`: the
-        batch is rows packed into one sequence (data_set.PackRows)."""
-        out = self.transformer(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask,
-                               past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
-                               packed_rows=packed_rows)
-        hidden = out.last_hidden_state
-        if labels is not None and loss_only:
-            loss = labelled_token_loss(self.lm_head, hidden, labels, label_positions)
-            return CausalLMOutputWithPast(loss=loss, logits=None, past_key_values=out.past_key_values)
-        if logits_to_keep and labels is None:  # generation needs only the last positions' logits
-            hidden = hidden[:, -logits_to_keep:]
-        logits = self.lm_head(hidden)
-        loss = None
-        if labels is not None:
-            loss = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]),
-                                   labels[:, 1:].reshape(-1), ignore_index=-100)
-        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=out.past_key_values)
 
     # -- the fixed-shape decode step that decoding.py replays as a CUDA graph ------------------------------------
 

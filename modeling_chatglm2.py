@@ -19,12 +19,12 @@ from torch.nn.attention import sdpa_kernel
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.cache_utils import DynamicCache
 from transformers.modeling_layers import GradientCheckpointingLayer
-from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.modeling_outputs import BaseModelOutputWithPast
 
 from configuration_chatglm2 import ChatGLMConfig
 from quantization import QuantizedLinear, quantize_model
-from modeling_chatglm import (MASKED_SCORE, SDPA_BACKENDS, NonReentrantCheckpointing, PackedRows, PromptSlots,
-                              RecomputedInner, first_index, keep_torch_default_init, labelled_token_loss,
+from modeling_chatglm import (MASKED_SCORE, SDPA_BACKENDS, CausalLMForward, NonReentrantCheckpointing, PackedRows,
+                              PromptSlots, RecomputedInner, first_index, keep_torch_default_init,
                               packed_rows_attention, soft_prompt_length, with_soft_prompt_per_row)
 
 ROPE_BASE = 10000.0
@@ -104,9 +104,15 @@ class SelfAttention(nn.Module):
                                          bias=config.add_bias_linear or config.add_qkv_bias)
         self.dense = nn.Linear(self.q_size, config.hidden_size, bias=config.add_bias_linear)
 
+    def project_qkv(self, x):
+        return self.query_key_value(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+
+    def project_out(self, context):
+        return self.dense(context)
+
     def forward(self, x, cos, sin, mask, past_key_values=None, prefix_kv=None):
         batch, seq, _ = x.shape
-        query, key, value = self.query_key_value(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        query, key, value = self.project_qkv(x)
         query = apply_rotary(query.view(batch, seq, self.heads, -1).transpose(1, 2), cos, sin)
         key = apply_rotary(key.view(batch, seq, self.groups, -1).transpose(1, 2), cos, sin)
         value = value.view(batch, seq, self.groups, -1).transpose(1, 2)
@@ -114,19 +120,19 @@ class SelfAttention(nn.Module):
             key, value = torch.cat([prefix_kv[0], key], dim=2), torch.cat([prefix_kv[1], value], dim=2)
         if getattr(past_key_values, "attends_decode_step", False):  # decoding.StaticKVCache, past the prompt
             context = past_key_values.attend(query, key, value, self.layer_idx)
-            return self.dense(context.transpose(1, 2).reshape(batch, seq, -1))
+            return self.project_out(context.transpose(1, 2).reshape(batch, seq, -1))
         if isinstance(mask, PackedRows):  # flash attention reads each group's keys for its heads itself
-            return self.dense(mask.attend(query, key, value).transpose(1, 2).reshape(batch, seq, -1))
+            return self.project_out(mask.attend(query, key, value).transpose(1, 2).reshape(batch, seq, -1))
         if past_key_values is not None:
             key, value = past_key_values.update(key, value, self.layer_idx)
         # each group of keys/values serves heads / groups consecutive query heads
         if seq == 1 and mask is not None:  # decoding: a group's heads become its query rows, the cache is not copied
             context = self.attend(query.reshape(batch, self.groups, -1, self.head_dim), key, value, mask)
-            return self.dense(context.reshape(batch, 1, -1))
+            return self.project_out(context.reshape(batch, 1, -1))
         key = key.repeat_interleave(self.heads // self.groups, dim=1)
         value = value.repeat_interleave(self.heads // self.groups, dim=1)
         context = self.attend(query, key, value, mask)
-        return self.dense(context.transpose(1, 2).reshape(batch, seq, -1))
+        return self.project_out(context.transpose(1, 2).reshape(batch, seq, -1))
 
     def attend(self, query, key, value, mask):
         scale = 1.0 / math.sqrt(self.head_dim)
@@ -208,21 +214,11 @@ class GLMTransformer(nn.Module):
         self.final_layernorm = RMSNorm(config.hidden_size, config.layernorm_epsilon)
 
 
-class ChatGLMModel(PromptSlots, ChatGLMPreTrainedModel):
-    def __init__(self, config):
-        super().__init__(config)
-        self.embedding = Embedding(config)
-        self.encoder = GLMTransformer(config)
-        self.output_layer = nn.Linear(config.hidden_size, config.padded_vocab_size, bias=False)
-        self.prefix_encoder = PrefixEncoder(config) if config.pre_seq_len else None
-        self.prefix_dropout = nn.Dropout(config.prefix_dropout)
-        self.post_init()
-
-    def get_input_embeddings(self):
-        return self.embedding.word_embeddings
-
-    def set_input_embeddings(self, value):
-        self.embedding.word_embeddings = value
+class RotaryDecoderStack(PromptSlots):
+    """The decoder stack's forward, shared by the two folder layouts of this architecture (mixin): THUDM's
+    (ChatGLMModel below) and transformers' GLM-4 classes (modeling_glm4.py). A layout names its modules through
+    `blocks` (the layers), `final_norm` and its input embeddings; its config reads `kv_channels`, `rope_ratio`,
+    `multi_query_group_num`, `num_layers` and the prompt settings."""
 
     def prefix_key_values(self, batch, dtype):
         cfg = self.config
@@ -240,7 +236,7 @@ class ChatGLMModel(PromptSlots, ChatGLMPreTrainedModel):
         past = self.cached_tokens(past_key_values)
         first_call = past_key_values is None or past_key_values.get_seq_length() == 0
         virtual = self.num_virtual_tokens if first_call else 0
-        hidden = self.embedding(input_ids) if inputs_embeds is None else inputs_embeds
+        hidden = self.get_input_embeddings()(input_ids) if inputs_embeds is None else inputs_embeds
         if position_ids is None:  # soft prompt tokens take positions 0 .. n-1, the row's tokens follow them
             if packed_rows is not None:
                 raise ValueError("packed rows need their own position_ids (data_set.PackRows makes both)")
@@ -261,9 +257,9 @@ class ChatGLMModel(PromptSlots, ChatGLMPreTrainedModel):
         else:
             mask = self.build_attention_mask(attention_mask, batch, seq, past, first_call, device)
         prefix_kv = self.prefix_key_values(batch, hidden.dtype) if first_call and self.num_prefix_keys else None
-        for i, layer in enumerate(self.encoder.layers):
+        for i, layer in enumerate(self.blocks):
             hidden = layer(hidden, cos, sin, mask, past_key_values, None if prefix_kv is None else prefix_kv[i])
-        hidden = self.encoder.final_layernorm(hidden[:, virtual:])
+        hidden = self.final_norm(hidden[:, virtual:])
         return BaseModelOutputWithPast(last_hidden_state=hidden, past_key_values=past_key_values)
 
     def build_attention_mask(self, attention_mask, batch, seq, past, first_call, device):
@@ -284,8 +280,63 @@ class ChatGLMModel(PromptSlots, ChatGLMPreTrainedModel):
         k_idx = torch.arange(key_valid.shape[1], device=device)[None, :]
         return ((k_idx <= q_idx)[None] & key_valid[:, None, :])[:, None]
 
+    def decode_hidden(self, input_ids, position_ids, cache):
+        """The final hidden state [batch, 1, hidden] of one new token per row, against decoding.StaticKVCache."""
+        hidden = self.get_input_embeddings()(input_ids)
+        cos, sin = rotary_cos_sin(position_ids, self.config.kv_channels, self.config.rope_ratio, hidden.dtype)
+        for layer in self.blocks:
+            hidden = layer(hidden, cos, sin, None, cache)
+        return self.final_norm(hidden)
 
-class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin):
+
+class ChatGLMModel(RotaryDecoderStack, ChatGLMPreTrainedModel):
+    def __init__(self, config):
+        super().__init__(config)
+        self.embedding = Embedding(config)
+        self.encoder = GLMTransformer(config)
+        self.output_layer = nn.Linear(config.hidden_size, config.padded_vocab_size, bias=False)
+        self.prefix_encoder = PrefixEncoder(config) if config.pre_seq_len else None
+        self.prefix_dropout = nn.Dropout(config.prefix_dropout)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.embedding.word_embeddings
+
+    def set_input_embeddings(self, value):
+        self.embedding.word_embeddings = value
+
+    @property
+    def blocks(self):
+        return self.encoder.layers
+
+    @property
+    def final_norm(self):
+        return self.encoder.final_layernorm
+
+
+class RotaryDecoding:
+    """The fixed-shape decode step that decoding.py replays as a CUDA graph, and generate()'s inputs: shared by both
+    folder layouts (mixin of a causal LM whose `base_model` is a RotaryDecoderStack)."""
+
+    def decode_position_ids(self, prompt_ids, attention_mask, step):
+        """Positions [batch, 1] of the token fed at decode step `step` (a device tensor; 0 is the first generated
+        token): the row's prompt length (padding not counted) + step, after any soft prompt tokens."""
+        batch, seq = prompt_ids.shape
+        pad = left_padding(attention_mask, batch, prompt_ids.device)
+        return (seq - pad + step + self.base_model.num_virtual_tokens)[:, None]
+
+    def decode_step(self, input_ids, position_ids, cache):
+        """Logits [batch, vocab] of one new token per row, against decoding.StaticKVCache (which attends, over
+        each row's own keys). No host synchronisation, no shape that varies."""
+        return self.get_output_embeddings()(self.base_model.decode_hidden(input_ids, position_ids, cache))[:, -1]
+
+    def prepare_inputs_for_generation(self, input_ids, past_key_values=None, attention_mask=None, **kwargs):
+        done = self.base_model.cached_tokens(past_key_values)
+        return {"input_ids": input_ids[:, done:], "attention_mask": attention_mask,
+                "past_key_values": past_key_values, "use_cache": kwargs.get("use_cache", True)}
+
+
+class ChatGLMForConditionalGeneration(CausalLMForward, RotaryDecoding, ChatGLMPreTrainedModel, GenerationMixin):
     def __init__(self, config):
         super().__init__(config)
         self.transformer = ChatGLMModel(config)
@@ -298,49 +349,3 @@ class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin):
 
     def set_output_embeddings(self, value):
         self.transformer.output_layer = value
-
-    def forward(self, input_ids=None, position_ids=None, attention_mask=None, past_key_values=None,
-                inputs_embeds=None, labels=None, use_cache=None, loss_only=False, logits_to_keep=0,
-                label_positions=None, packed_rows=None, **kwargs):
-        """`loss_only=True` (training) projects only the positions that have a label: the same loss, no full logits
-        (`label_positions`: those positions chosen beforehand, see `labelled_token_loss`). `packed_rows`: the
-        batch is rows packed into one sequence (data_set.PackRows)."""
-        out = self.transformer(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask,
-                               past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
-                               packed_rows=packed_rows)
-        hidden, head = out.last_hidden_state, self.transformer.output_layer
-        if labels is not None and loss_only:
-            loss = labelled_token_loss(head, hidden, labels, label_positions)
-            return CausalLMOutputWithPast(loss=loss, logits=None, past_key_values=out.past_key_values)
-        if logits_to_keep and labels is None:  # generation needs only the last positions' logits
-            hidden = hidden[:, -logits_to_keep:]
-        logits = head(hidden)
-        loss = None
-        if labels is not None:
-            loss = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
-                                   ignore_index=-100)
-        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=out.past_key_values)
-
-    # -- the fixed-shape decode step that decoding.py replays as a CUDA graph ------------------------------------
-
-    def decode_position_ids(self, prompt_ids, attention_mask, step):
-        """Positions [batch, 1] of the token fed at decode step `step` (a device tensor; 0 is the first generated
-        token): the row's prompt length (padding not counted) + step, after any soft prompt tokens."""
-        batch, seq = prompt_ids.shape
-        pad = left_padding(attention_mask, batch, prompt_ids.device)
-        return (seq - pad + step + self.transformer.num_virtual_tokens)[:, None]
-
-    def decode_step(self, input_ids, position_ids, cache):
-        """Logits [batch, vocab] of one new token per row, against decoding.StaticKVCache (which attends, over
-        each row's own keys). No host synchronisation, no shape that varies."""
-        t = self.transformer
-        hidden = t.embedding(input_ids)
-        cos, sin = rotary_cos_sin(position_ids, self.config.kv_channels, self.config.rope_ratio, hidden.dtype)
-        for layer in t.encoder.layers:
-            hidden = layer(hidden, cos, sin, None, cache)
-        return t.output_layer(t.encoder.final_layernorm(hidden))[:, -1]
-
-    def prepare_inputs_for_generation(self, input_ids, past_key_values=None, attention_mask=None, **kwargs):
-        done = self.transformer.cached_tokens(past_key_values)
-        return {"input_ids": input_ids[:, done:], "attention_mask": attention_mask,
-                "past_key_values": past_key_values, "use_cache": kwargs.get("use_cache", True)}

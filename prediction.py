@@ -59,6 +59,8 @@ def build_parser(method):
                         help="static: preallocated cache, each step one CUDA graph on a GPU; generate: transformers' "
                              "generate() (slower, same tokens)")
     parser.add_argument("--max_new_tokens", type=int, default=None, help="default: max_len - max_src_len - 3")
+    parser.add_argument("--ignore_eos", action="store_true", help="for benchmarks: every row generates "
+                        "--max_new_tokens tokens, stop tokens or not (the scores then mean nothing)")
     parser.add_argument("--task", choices=["triple", "classification", "generation"], default=None,
                         help="the score: default the training run's --task, else triple")
     parser.add_argument("--output_dir", default=None, help="for predictions.jsonl and metrics.json "
@@ -170,8 +172,10 @@ def generate(model, tokenizer, prompts, max_new_tokens, batch_size, device, stop
             new = greedy_decode(model, input_ids, attention_mask, max_new_tokens, stop_ids,
                                 vocab_size=token_count(tokenizer))
         else:
+            # no stop tokens (--ignore_eos): every row runs to max_new_tokens
             new = model.generate(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens,
-                                 do_sample=False, eos_token_id=stop_ids, pad_token_id=tokenizer.pad_token_id,
+                                 min_new_tokens=0 if stop_ids else max_new_tokens, do_sample=False,
+                                 eos_token_id=stop_ids or None, pad_token_id=tokenizer.pad_token_id,
                                  suppress_tokens=ids_without_token(model, tokenizer))[:, input_ids.shape[1]:]
         for row, i in zip(new.tolist(), chosen):
             ends = [k for k, t in enumerate(row) if t in stop_ids]
@@ -197,16 +201,13 @@ def ids_without_token(model, tokenizer):
 def auto_batch_size(model, prompts, max_new_tokens, device, rows_on_cpu=16):
     """Rows per batch: on a GPU as many as the free memory holds the KV cache and the prefill's activations of (with
     a 25% margin), at most all rows; on the CPU `rows_on_cpu`."""
+    from decoding import cache_bytes_per_token
     if device.type != "cuda":
         return rows_on_cpu
     config = model.config
-    layers = getattr(config, "num_layers", None) or config.num_hidden_layers
-    kv_heads = getattr(config, "multi_query_group_num", None) if getattr(config, "multi_query_attention", False) \
-        else getattr(config, "num_attention_heads")
-    head_dim = config.hidden_size // config.num_attention_heads
-    element = next(model.parameters()).element_size()
+    element = model.get_input_embeddings().weight.element_size()
     longest = max(map(len, prompts)) + max_new_tokens + 64
-    cache_per_row = 2 * layers * kv_heads * head_dim * longest * element
+    cache_per_row = cache_bytes_per_token(config, element) * longest
     # the prefill of one row: the MLP's widest activation and the logits of one token, a few times over
     width = getattr(config, "ffn_hidden_size", None) or getattr(config, "inner_hidden_size", 4 * config.hidden_size)
     prefill_per_row = 4 * longest * width * element
@@ -271,9 +272,6 @@ def predict(method, args):
     device = pick_device(args.device)
     dtype = pick_dtype(args.dtype, device)
     family, tokenizer, rows, prompts, model = load_for_prediction(method, args, checkpoint, device, dtype)
-    if args.decoder == "static" and "static_decoder" in family.limits:
-        print(f"{family.name}: {family.limits['static_decoder']}")
-        args.decoder = "generate"
     warn_if_task_looks_wrong(args.task, rows)
     batch_size = args.batch_size or auto_batch_size(model, prompts, args.max_new_tokens, device)
     output_dir = args.output_dir or checkpoint
@@ -282,8 +280,9 @@ def predict(method, args):
     start = time.time()
     with tqdm(total=len(rows), desc=f"predict (batches of {batch_size})", unit="row") as bar:
         def generate_rows(indices, on_batch):
+            stop_ids = [] if args.ignore_eos else family.stop_token_ids(tokenizer)
             return generate(model, tokenizer, [prompts[i] for i in indices], args.max_new_tokens, batch_size,
-                            device, family.stop_token_ids(tokenizer), bar, args.decoder, on_batch)
+                            device, stop_ids, bar, args.decoder, on_batch)
         new_tokens, todo, fresh = generate_keeping_partial(partial_path, rows, args.resume, generate_rows, bar)
     seconds = max(time.time() - start, 1e-9)
     generated = [family.answer_text(tokenizer.decode(t, skip_special_tokens=True)) for t in new_tokens]

@@ -4,8 +4,10 @@ The format (THUDM's `quantize(bits)` and its pre-quantized folders chatglm-6b-in
 - each quantized linear keeps `weight` as int8 and `weight_scale` as one fp16 number per output row;
 - scale = max |w| of the row / (2^(bits-1) - 1), computed in fp16 from the fp16 weight; q = round(w / scale) in fp16;
 - INT4 packs two values per byte along the row: column 2j in the high nibble, 2j+1 in the low one, both signed;
-- only the four linears of every block are quantized (query_key_value, dense, dense_h_to_4h, dense_4h_to_h); the
-  embeddings, the output layer and the norms stay in floating point, and so do the biases.
+- only the linears of every block are quantized (THUDM's layout: query_key_value, dense, dense_h_to_4h, dense_4h_to_h;
+  transformers' GLM-4 layout: q_proj, k_proj, v_proj, o_proj, gate_up_proj, down_proj: row by row the same numbers,
+  since q, k and v are the fused projection's rows); the embeddings, the output layer and the norms stay in floating
+  point, and so do the biases.
 
 A quantized linear computes x @ (q * scale)^T with the weight rebuilt in x's dtype (W8A16): its weight never trains,
 but the gradient flows through it to its input, so a prompt or an adapter below it trains (THUDM's P-Tuning v2 INT4
@@ -14,9 +16,8 @@ product rounded once to x's dtype (int8 x fp16 fits a float32 exactly).
 """
 import torch
 
-QUANTIZED_LINEARS = ("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h")
-# the same linears in transformers' GLM classes (bitsandbytes only: THUDM's format is our model files')
-NATIVE_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_up_proj", "down_proj")
+QUANTIZED_LINEARS = ("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h",  # THUDM's layout
+                     "q_proj", "k_proj", "v_proj", "o_proj", "gate_up_proj", "down_proj")  # transformers' GLM-4
 BITS = (4, 8)
 
 
@@ -167,7 +168,7 @@ def quantizable_linears(model, keep=()):
     contain a string of `keep` (Freeze's trained layers)."""
     found = []
     for name, module in model.named_modules():
-        for attribute in QUANTIZED_LINEARS + NATIVE_LINEARS:
+        for attribute in QUANTIZED_LINEARS:
             child = getattr(module, attribute, None)
             full = f"{name}.{attribute}" if name else attribute
             if isinstance(child, torch.nn.Linear) and not any(k in full + "." for k in keep) and ".layers." in f".{full}":

@@ -86,13 +86,9 @@ class Cohort:
 
     def next_inputs(self):
         """The tokens the cache has not seen, with what the model needs to place them."""
-        if hasattr(self.model, "decode_step"):  # our model files place left-padded rows themselves
-            return self.model.prepare_inputs_for_generation(self.ids, past_key_values=self.cache,
-                                                            attention_mask=self.mask, use_cache=True)
-        done = self.cache.get_seq_length()  # transformers' classes: positions counted from each row's first token
-        positions = (self.mask.cumsum(-1) - 1).clamp(min=0)
-        return {"input_ids": self.ids[:, done:], "position_ids": positions[:, done:], "attention_mask": self.mask,
-                "past_key_values": self.cache, "use_cache": True}
+        # the model files place left-padded rows themselves
+        return self.model.prepare_inputs_for_generation(self.ids, past_key_values=self.cache,
+                                                        attention_mask=self.mask, use_cache=True)
 
     def deliver(self, tokens):
         for row, (request, token) in enumerate(zip(self.requests, tokens)):
@@ -334,8 +330,7 @@ class Server:
         self.context_length = getattr(model.config, "seq_length", None) or \
             getattr(model.config, "max_sequence_length", None) or getattr(model.config, "max_position_embeddings", 2048)
         self.stop_ids = family.stop_token_ids(tokenizer)
-        self.engine = Engine(model, tokenizer, args.max_batch, static_decoder="static_decoder" not in family.limits,
-                             slot_tokens=min(args.slot_tokens, self.context_length))
+        self.engine = Engine(model, tokenizer, args.max_batch, slot_tokens=min(args.slot_tokens, self.context_length))
         self.tokenizer, self.family = tokenizer, family
 
     def text_of(self, ids):

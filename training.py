@@ -185,32 +185,18 @@ def resolve_precision(args):
     return "bf16"
 
 
-def folder_limits(args):
-    """What the model folder's family does not support (model_family.NATIVE_LIMITS), read from its config.json;
-    {} for a folder that cannot be read yet (loading reports that with its own message)."""
-    from model_family import ModelFolderError, family_for
-    if not getattr(args, "model_dir", None):
-        return {}
-    try:
-        return family_for(args.model_dir, getattr(args, "mode", None)).limits
-    except ModelFolderError:
-        return {}
-
-
 # A run of fewer forward/backward passes than this finishes sooner without compiling its blocks: on an H200 compiling
 # took 55-80 s on a fresh machine (~35 s with a warm cache) and saved 8.9 ms per LoRA step (40.4 -> 31.5 ms, CUDA
 # graphs either way; bench/results/startup). The reference run (5 epochs of spo, 3,545 steps) is below it.
 COMPILE_PAYS_FROM = 5000
 
 
-def resolve_compile(args, device, family, total_steps):
-    """--compile: refused where the family's blocks are not set up for it; by default on a GPU for runs long enough
-    to win back the compile time, and on quantized bases (their measured path is the compiled one)."""
-    if args.compile and "compile" in family.limits:
-        raise SystemExit(f"error: --compile: {family.limits['compile']}")
+def resolve_compile(args, device, total_steps):
+    """--compile: by default on a GPU for runs long enough to win back the compile time, and on quantized bases
+    (their measured path is the compiled one)."""
     if args.compile is not None:
         return args.compile
-    if device.type != "cuda" or "compile" in family.limits:
+    if device.type != "cuda":
         return False
     from model_family import folder_quantization_bit
     quantized = bool(args.quantization_bit or args.quantization or folder_quantization_bit(args.model_dir))
@@ -220,8 +206,7 @@ def resolve_compile(args, device, family, total_steps):
 def resolve_cuda_graphs(args, device):
     """--cuda_graphs: on by default on a GPU; refused where a captured step cannot work."""
     blocked = ("it needs a GPU" if device.type != "cuda" else
-               folder_limits(args).get("cuda_graphs") or
-               ("ZeRO-3 gathers parameters on the host during the step" if args.zero_stage == 3 else None))
+               "ZeRO-3 gathers parameters on the host during the step" if args.zero_stage == 3 else None)
     if args.cuda_graphs and blocked:
         raise SystemExit(f"error: --cuda_graphs cannot be used here: {blocked}")
     return not blocked if args.cuda_graphs is None else args.cuda_graphs
@@ -784,16 +769,14 @@ def quantized_base(args):
     return bool(args.quantization_bit or args.quantization or folder_quantization_bit(args.model_dir))
 
 
-def resolve_gradient_checkpointing(args, device, family):
+def resolve_gradient_checkpointing(args, device):
     """--gradient_checkpointing: by default on a GPU over a quantized base, MLPs and packed attention recomputed
     (LoRA on INT4, H200, one call: 46.6 ms/step at 5.54 GiB against 45.0 ms at 6.48 GiB with mlp alone, bf16 32.3
-    ms; without checkpointing 39.0 ms at 8.5 GiB in an earlier call, more than an 8 GB card holds). Transformers'
-    GLM classes (no recomputable MLP) keep none. 'none' turns it off; the result is None or a kind."""
+    ms; without checkpointing 39.0 ms at 8.5 GiB in an earlier call, more than an 8 GB card holds). 'none' turns
+    it off; the result is None or a kind."""
     kind = args.gradient_checkpointing
-    if kind is None and device.type == "cuda" and "recompute_mlp" not in family.limits and quantized_base(args):
+    if kind is None and device.type == "cuda" and quantized_base(args):
         kind = "mlp+attention" if args.pack_rows else "mlp"
-    if kind in RECOMPUTE_MLP_KINDS and "recompute_mlp" in family.limits:
-        raise SystemExit(f"error: {family.limits['recompute_mlp']}")
     return None if kind == "none" else kind
 
 
@@ -847,8 +830,8 @@ def run(method, args, rank, world_size, device):
     sampler = EpochSampler(train_set.lengths, args.train_batch_size, args.seed, rank, world_size,
                            args.group_by_length)
     _, total_steps = schedule_length(args, sampler)
-    args.compile = resolve_compile(args, device, family, total_steps)  # before the weights: a refusal comes at once
-    args.gradient_checkpointing = resolve_gradient_checkpointing(args, device, family)
+    args.compile = resolve_compile(args, device, total_steps)
+    args.gradient_checkpointing = resolve_gradient_checkpointing(args, device)
     model = load_base_model(args, method, family, device)
     mark_startup("weights")
     enable_checkpointing(model, args.gradient_checkpointing)

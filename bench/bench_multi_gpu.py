@@ -46,50 +46,10 @@ VARIANTS = {  # name -> (script, options)
 }
 
 
-def build_random_model(folder, tiny=False, vocab_size=130528, shard_bytes=2 << 30):
-    """A ChatGLM-6B-shaped folder: config, tokenizer, random bf16 weights made on the GPU (std 0.02, norms 1).
-    `tiny`: 2 layers of hidden 64, on the CPU, to check this script."""
-    import torch
-    from safetensors.torch import save_file
-
-    from modeling_chatglm import ChatGLMForConditionalGeneration
-    from tools.make_tiny_model import DEFAULT_TEXT, official_state_dict, texts_from, tokenizer_and_config
-    from training import DEFAULT_PROMPT
-    if os.path.isfile(os.path.join(folder, "model.safetensors.index.json")):
-        return folder
-    os.makedirs(folder, exist_ok=True)
-    pieces = 3000
-    dims = (2, 64, 4, 128) if tiny else (28, 4096, 32, 16384)  # layers, hidden, heads, inner
-    config = tokenizer_and_config("chatglm", folder, texts_from([DEFAULT_TEXT]) + [DEFAULT_PROMPT] * 10, pieces,
-                                  vocab_size - pieces, *dims, True, 2048)
-    config.save_pretrained(folder)
-    with torch.device("meta"):
-        model = ChatGLMForConditionalGeneration(config)
-    state = official_state_dict(model)
-    device = "cpu" if tiny else "cuda"
-    generator = torch.Generator(device=device).manual_seed(0)
-    shards, current, size = [], {}, 0
-    for name, meta in state.items():
-        if meta.is_meta:
-            if meta.ndim == 2:
-                value = torch.randn(meta.shape, device=device, dtype=torch.bfloat16, generator=generator) * 0.02
-            else:
-                value = (torch.ones if name.endswith("weight") else torch.zeros)(meta.shape, dtype=torch.bfloat16)
-        else:
-            value = meta
-        current[name] = value.cpu()
-        size += value.numel() * value.element_size()
-        if size >= shard_bytes:
-            shards.append(current)
-            current, size = {}, 0
-    shards.append(current)
-    files = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
-    for file, shard in zip(files, shards):
-        save_file(shard, os.path.join(folder, file), metadata={"format": "pt"})
-    index = {"metadata": {}, "weight_map": {k: file for file, shard in zip(files, shards) for k in shard}}
-    with open(os.path.join(folder, "model.safetensors.index.json"), "w") as f:
-        json.dump(index, f)
-    return folder
+def build_random_model(folder, tiny=False):
+    """A ChatGLM-6B-shaped folder with random bf16 weights (bench/random_model.py)."""
+    from random_model import build_random_folder
+    return build_random_folder(folder, "chatglm", tiny)
 
 
 def start_run(name, gpus, model_dir, train_path, work, port, steps):

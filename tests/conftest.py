@@ -121,9 +121,14 @@ def predict_in_process(script, *args):
 def launch_all(runs, **how):
     """launch() each (script, *args) of `runs` with the same options, as many at once as there are CPU cores (a tiny
     model's run is mostly process start-up and small kernels, so two share two cores well); results in order."""
+    return launch_each([(run, how) for run in runs])
+
+
+def launch_each(runs):
+    """launch_all for (run, options) pairs: each run with options of its own."""
     from concurrent.futures import ThreadPoolExecutor
     with ThreadPoolExecutor(max_workers=max(1, os.cpu_count() or 1)) as pool:
-        return list(pool.map(lambda run: launch(*run, **how), runs))
+        return list(pool.map(lambda pair: launch(*pair[0], **pair[1]), runs))
 
 
 def metrics_of(output_dir):

@@ -18,7 +18,7 @@ def batch_for(folder):
 
 
 @pytest.mark.parametrize("mode", list(PROMPT_MODES))
-@pytest.mark.parametrize("family", ["chatglm", "chatglm2", "chatglm3", "glm4"])
+@pytest.mark.parametrize("family", ["chatglm", "chatglm2", "chatglm3", "glm4", "glm4-0414"])
 def test_static_decoding_equals_generate(family_model_dirs, untied_model_dir, family, mode):
     # ChatGLM-6B: the untied folder, since greedy decoding of a tied random model just repeats <sop>
     folder = untied_model_dir if family == "chatglm" else family_model_dirs[family]

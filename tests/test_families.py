@@ -1,7 +1,9 @@
-"""Every method on ChatGLM2, ChatGLM3 and GLM-4 tiny folders (THUDM's layout, and transformers' GlmForCausalLM and
-Glm4ForCausalLM), each training script run as `python finetuning_*.py` (one process, DeepSpeed set up by the script
-itself: the launcher's two extra processes cost CI ~45 s over these 18 runs and test nothing family-specific; the
-launcher runs in test_finetuning, test_multi_rank, test_quantization), then its predict script.
+"""Every method on ChatGLM2, ChatGLM3, GLM-4 (THUDM's layout) and GLM-4 in transformers' layout (glm-4-9b-chat-hf,
+GLM-4-0414), then its predict script. THUDM's layouts run as `python finetuning_*.py` (one process, DeepSpeed set up
+by the script itself: the launcher's two extra processes cost CI ~45 s over those runs and test nothing
+family-specific; the launcher runs in test_finetuning, test_multi_rank, test_quantization); the transformers-layout
+folders, the newest, through the `deepspeed` launcher as their users run them, INT4 LoRA included. Their full and
+Freeze checkpoints are checked against transformers' own classes.
 
 The family is read from the folder; nothing is passed to say which model it is. ChatGLM3 and GLM-4 also learn
 multi-turn conversation rows (the loss on assistant turns only) and predict their last answer.
@@ -10,23 +12,33 @@ import json
 import os
 
 import pytest
+import torch
 
-from conftest import MODES, launch_all, memorise_args, metrics_of, predict_in_process
+from conftest import MODES, launch_each, memorise_args, metrics_of, predict_in_process
 
-# Every method on every GLM-4 family (issue 18); each run costs ~15 s of start-up (CI's time), so the older
-# families run what they add: ChatGLM3 Freeze, P-Tuning v2 and LoRA (embedding-only P-Tuning runs on GLM-4,
-# the same model file), ChatGLM2 (ChatGLM3's model code, the plain layout) LoRA. transformers' classes have no
-# P-Tuning (tests/test_glm_native.py checks the refusal). Full fine-tuning of ChatGLM-6B: test_finetuning.py,
-# test_multi_rank.py
+# Each run costs ~15 s of start-up (CI's time), so the older families run what they add: ChatGLM3 Freeze, P-Tuning
+# v2 and LoRA (embedding-only P-Tuning runs on GLM-4, the same model file), ChatGLM2 (ChatGLM3's model code, the
+# plain layout) LoRA. Full fine-tuning of ChatGLM-6B: test_finetuning.py, test_multi_rank.py
+TRANSFORMERS_LAYOUT = ("glm4-hf", "glm4-0414")
 RUNS = [("chatglm3", mode) for mode in ("freeze", "pt2", "lora")] + [("chatglm2", "lora")] + \
     [("glm4", mode) for mode in ("freeze", "pt2", "pt_embedding_only", "lora", "full")] + \
-    [(family, mode) for family in ("glm4-hf", "glm4-0414") for mode in ("freeze", "lora", "full")]
+    [("glm4-hf", mode) for mode in ("freeze", "pt2", "lora", "lora_int4", "full")] + \
+    [("glm4-0414", mode) for mode in ("freeze", "pt2", "pt_embedding_only", "lora", "lora_int4", "full")]
 PREDICT = {"freeze": "predict_freeze.py", "pt2": "predict_pt.py", "pt_embedding_only": "predict_pt.py",
-           "lora": "predict_lora.py", "full": "predict_full.py"}
+           "lora": "predict_lora.py", "lora_int4": "predict_lora.py", "full": "predict_full.py"}
 TRAINED_PREFIX = {"freeze": "transformer.encoder.layers.1.", "pt2": "transformer.prefix_encoder.",
                   "pt_embedding_only": "transformer.prefix_encoder."}
-NATIVE = ("glm4-hf", "glm4-0414")  # transformers' classes: no P-Tuning (tests/test_glm_native.py)
+TRANSFORMERS_TRAINED_PREFIX = {"freeze": "model.layers.1.", "pt2": "model.prefix_encoder.",
+                               "pt_embedding_only": "model.prefix_encoder."}
 CONVERSATION_FAMILIES = ("chatglm3", "glm4", "glm4-0414")
+
+
+def mode_options(mode):
+    """The training script and its options of a mode (MODES, or LoRA over an INT4 base)."""
+    if mode == "lora_int4":
+        script, options = MODES["lora"]
+        return script, [*options, "--quantization_bit", 4]
+    return MODES[mode.replace("_conversations", "")]
 
 
 @pytest.fixture(scope="module")
@@ -52,11 +64,12 @@ def trained_families(family_model_dirs, few_rows, conversation_rows, tmp_path_fa
              for family in CONVERSATION_FAMILIES]
     folders, launches = [], []
     for family, mode, rows, extra in runs:
-        script, options = MODES[mode.replace("_conversations", "")]
+        script, options = mode_options(mode)
         folders.append(str(tmp_path_factory.mktemp(f"{family}-{mode}")))
-        launches.append((script, *memorise_args(family_model_dirs[family], rows, folders[-1], epochs=120),
-                         *options, *extra))  # P-Tuning v2 too: on these folders it learns the rows by step 120
-    results = launch_all(launches, launcher=False)
+        launches.append(((script, *memorise_args(family_model_dirs[family], rows, folders[-1], epochs=120),
+                          *options, *extra),  # P-Tuning v2 too: on these folders it learns the rows by step 120
+                         {"launcher": family in TRANSFORMERS_LAYOUT and mode != "lora_conversations"}))
+    results = launch_each(launches)
     return {(family, mode): (out, result.stdout) for (family, mode, _, _), out, result in zip(runs, folders, results)}
 
 
@@ -66,7 +79,7 @@ def read_metrics(out):
 
 def predict(mode, out, rows, tmp_path):
     folder = tmp_path / f"pred-{mode}"
-    predict_in_process(PREDICT[mode.replace("_conversations", "")], "--model_dir", out, "--test_path", rows,
+    predict_in_process(PREDICT.get(mode, "predict_lora.py"), "--model_dir", out, "--test_path", rows,
                        "--output_dir", folder, "--device", "cpu", "--batch_size", 4)
     with open(folder / "metrics.json") as f:
         metrics = json.load(f)
@@ -84,15 +97,48 @@ def test_every_method_learns_and_predicts_on_the_family(trained_families, few_ro
     if mode != "pt_embedding_only":  # a soft input prompt cannot hold six answers; the others learn them by heart
         assert losses[-1] < 0.05
         assert metrics["f1"] >= 0.9, predictions
-    with open(os.path.join(out, "latest")) as f:
-        checkpoint = os.path.join(out, f.read().strip())
-    tokenizer_file = "tokenizer.json" if family in NATIVE else "tokenizer.model"
+    checkpoint = latest(out)
+    tokenizer_file = "tokenizer.json" if family in TRANSFORMERS_LAYOUT else "tokenizer.model"
     assert os.path.isfile(os.path.join(checkpoint, tokenizer_file))  # the family's tokenizer travels with it
-    prefix = {"freeze": "model.layers.1."}.get(mode) if family in NATIVE else TRAINED_PREFIX.get(mode)
+    prefix = (TRANSFORMERS_TRAINED_PREFIX if family in TRANSFORMERS_LAYOUT else TRAINED_PREFIX).get(mode)
     if prefix:
         from safetensors.torch import load_file
         names = load_file(os.path.join(checkpoint, "model.safetensors"))
         assert names and all(k.startswith(prefix) for k in names)
+
+
+def latest(out):
+    with open(os.path.join(out, "latest")) as f:
+        return os.path.join(out, f.read().strip())
+
+
+@pytest.mark.parametrize("family", TRANSFORMERS_LAYOUT)
+@pytest.mark.parametrize("mode", ["full", "freeze"])
+def test_saved_full_and_freeze_folders_load_with_transformers_class_and_give_our_logits(
+        trained_families, family_model_dirs, family, mode):
+    """A full checkpoint is a folder transformers' AutoModelForCausalLM loads as its own class; Freeze's trained
+    layers go into transformers' class under their own names. Either gives the logits our predict model gives."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from model_family import load_model
+    from prediction import load_partial_state
+    checkpoint, base = latest(trained_families[family, mode][0]), family_model_dirs[family]
+    if mode == "full":
+        theirs = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32)
+        ours = load_model(checkpoint)
+    else:
+        theirs = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+        trained = load_file(os.path.join(checkpoint, "model.safetensors"))
+        assert not theirs.load_state_dict(trained, strict=False).unexpected_keys
+        ours = load_model(base)
+        load_partial_state(ours, checkpoint)
+    assert type(theirs).__module__.startswith("transformers.models.")
+    ids = torch.tensor([[5, 17, 42, 99, 7, 3]])
+    with torch.no_grad():
+        assert (ours.eval()(input_ids=ids).logits - theirs.eval()(input_ids=ids).logits).abs().max() <= 1e-4
+        assert (theirs(input_ids=ids).logits - AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)(
+            input_ids=ids).logits).abs().max() > 1e-3  # what was trained is in the comparison
 
 
 @pytest.mark.parametrize("family", CONVERSATION_FAMILIES)

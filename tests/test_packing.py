@@ -43,7 +43,7 @@ def packed_and_padded(folder, rows, tokenizer, config, multiple=8):
 @pytest.mark.parametrize("attention", ["mask", "flash_by_hand"])
 @pytest.mark.parametrize("prompt", [{}, {"pre_seq_len": 3, "prefix_dropout": 0.0},
                                     {"pre_seq_len": 3, "prompt_embedding_only": True, "prefix_dropout": 0.0}])
-@pytest.mark.parametrize("family", ["chatglm", "chatglm2", "chatglm3"])
+@pytest.mark.parametrize("family", ["chatglm", "chatglm2", "chatglm3", "glm4-0414"])
 def test_packed_rows_give_the_padded_batchs_loss_and_gradients(family_model_dirs, family, prompt, attention,
                                                                 request):
     if attention == "flash_by_hand":
@@ -66,7 +66,7 @@ def test_packed_rows_give_the_padded_batchs_loss_and_gradients(family_model_dirs
         torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("family", ["chatglm", "chatglm2"])
+@pytest.mark.parametrize("family", ["chatglm", "chatglm2", "glm4-0414"])
 def test_mlp_and_attention_recomputed_give_the_same_loss_and_gradients(family_model_dirs, family, flash_by_hand):
     folder = family_model_dirs[family]
     model = load_model(folder, dtype=torch.float32).train()
@@ -80,7 +80,7 @@ def test_mlp_and_attention_recomputed_give_the_same_loss_and_gradients(family_mo
         loss = model(**packed, loss_only=True).loss
         loss.backward()
         results.append((loss.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]))
-    assert model.transformer.recompute_packed_attention
+    assert model.base_model.recompute_packed_attention
     (loss, grads), (again, grads_again) = results
     torch.testing.assert_close(again, loss)
     for got, expected in zip(grads_again, grads):

@@ -47,19 +47,19 @@ def quantized_layers(model):
     return {n: m for n, m in model.named_modules() if isinstance(m, QuantizedLinear)}
 
 
-THUDM_FORMAT_FAMILIES = ["chatglm", "chatglm2", "chatglm3", "glm4"]  # our model files; transformers' GLM classes
-# refuse THUDM's format (tests/test_glm_native.py)
+THUDM_FORMAT_FAMILIES = ["chatglm", "chatglm2", "chatglm3", "glm4", "glm4-0414"]
+LINEARS_PER_LAYER = {"glm4-0414": 6}  # q, k, v, o, gate_up, down; THUDM's layout 4 (qkv fused, dense, two MLP)
 
 
 @pytest.mark.parametrize("bits", [8, 4])
-@pytest.mark.parametrize("family", ["chatglm", "chatglm2", "chatglm3", "glm4"])
+@pytest.mark.parametrize("family", THUDM_FORMAT_FAMILIES)
 def test_quantized_weights_and_scales_equal_the_official_rules(family_model_dirs, family, bits):
     from model_family import load_model
     folder = family_model_dirs[family]
     float_model = load_model(folder)  # the folder's float32 weights: rounded to fp16 first, as model.half() does
     quantized = load_model(folder, quantization_bit=bits)
     layers = quantized_layers(quantized)
-    assert len(layers) == 4 * float_model.config.num_layers
+    assert len(layers) == LINEARS_PER_LAYER.get(family, 4) * float_model.config.num_layers
     float_state = float_model.state_dict()
     for name, layer in layers.items():
         weight, scale = reference_quantize(float_state[f"{name}.weight"].half(), bits)

@@ -21,7 +21,7 @@ def server(family_model_dirs):
 
 @pytest.fixture(scope="module")
 def native_server(family_model_dirs):
-    """serve.py on a tiny GLM-4-0414 folder: transformers' Glm4ForCausalLM, its tokenizer's chat template."""
+    """serve.py on a tiny GLM-4-0414 folder (transformers' layout: modeling_glm4.py), its tokenizer's chat template."""
     yield from serving(family_model_dirs["glm4-0414"])
 
 
@@ -73,8 +73,8 @@ def assert_greedy_answer_equals_chat_py(base, folder, tmp_path):
     assert json.loads(result.stdout.strip().splitlines()[-1])["response"] == text
 
 
-def test_a_transformers_glm_class_serves_greedy_and_sampled_answers(native_server, family_model_dirs, tmp_path):
-    """transformers' cache instead of the static decoder; the prompt is the tokenizer's chat template."""
+def test_a_transformers_layout_folder_serves_greedy_and_sampled_answers(native_server, family_model_dirs, tmp_path):
+    """On the continuous batch's slots as THUDM's layout; the prompt is the tokenizer's chat template."""
     assert_greedy_answer_equals_chat_py(native_server, family_model_dirs["glm4-0414"], tmp_path)
     reply = client(native_server).chat.completions.create(
         model="tiny", messages=[{"role": "system", "content": "汽修助手"}, {"role": "user", "content": QUERIES[1]}],

@@ -71,8 +71,8 @@ def graphed_and_eager_steps(folder, method, checkpointing=False):
     model = load_model(folder, dtype=torch.float32, **prompt).cuda()
     if method == "lora":
         from peft import LoraConfig, get_peft_model
-        model = get_peft_model(model, LoraConfig(r=4, target_modules=["query_key_value"], lora_dropout=0.0,
-                                                 init_lora_weights=False))
+        model = get_peft_model(model, LoraConfig(r=4, target_modules=family_for(folder).lora_target.split(","),
+                                                 lora_dropout=0.0, init_lora_weights=False))
     else:
         for name, p in model.named_parameters():
             p.requires_grad = "prefix_encoder" in name
@@ -107,7 +107,7 @@ def graphed_and_eager_steps(folder, method, checkpointing=False):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 @pytest.mark.parametrize("checkpointing", [False, True, "mlp", "mlp+attention"])
 @pytest.mark.parametrize("method", ["lora", "prefix"])
-@pytest.mark.parametrize("family", ["chatglm", "chatglm2"])
+@pytest.mark.parametrize("family", ["chatglm", "chatglm2", "glm4-0414"])
 def test_graph_replay_gives_the_eager_loss_and_gradients(family_model_dirs, family, method, checkpointing):
     """With --gradient_checkpointing (blocks, mlp, mlp+attention over packed rows) too: the recomputation is
     captured into the backward graph."""

@@ -82,10 +82,9 @@ def test_asking_for_cuda_graphs_where_they_cannot_work_is_a_clear_error(device, 
     ("cuda", 10 ** 6, {"compile": False}, False)])
 def test_blocks_compile_by_default_where_the_run_wins_the_compile_time_back(tiny_model_dir, device, steps, overrides,
                                                                             expected):
-    from model_family import family_for
     options = args(**{"compile": None, "quantization_bit": 0, "quantization": None, "model_dir": tiny_model_dir,
                       "gradient_accumulation_steps": 1, **overrides})
-    assert resolve_compile(options, torch.device(device), family_for(tiny_model_dir), steps) is expected
+    assert resolve_compile(options, torch.device(device), steps) is expected
 
 
 def test_ds_config_file_overrides(tmp_path):
@@ -156,29 +155,17 @@ def test_quantized_bases_get_growing_allocator_segments(tiny_model_dir, monkeypa
     assert os.environ.get("PYTORCH_CUDA_ALLOC_CONF") == expected
 
 
-@pytest.mark.parametrize("device, options, limits, expected", [
-    ("cuda", {"quantization_bit": 4}, {}, "mlp+attention"),
-    ("cuda", {"quantization": "nf4", "pack_rows": False}, {}, "mlp"),  # nothing packed: no packed attention
-    ("cuda", {}, {}, None),  # a bf16 base keeps everything (the fastest step)
-    ("cpu", {"quantization_bit": 4}, {}, None),
-    ("cuda", {"quantization_bit": 4, "gradient_checkpointing": "none"}, {}, None),  # the user's choice wins
-    ("cuda", {"quantization_bit": 8, "gradient_checkpointing": "blocks"}, {}, "blocks"),
-    ("cuda", {"quantization_bit": 4}, {"recompute_mlp": "no MLP of ours"}, None),  # transformers' GLM classes
+@pytest.mark.parametrize("device, options, expected", [
+    ("cuda", {"quantization_bit": 4}, "mlp+attention"),
+    ("cuda", {"quantization": "nf4", "pack_rows": False}, "mlp"),  # nothing packed: no packed attention
+    ("cuda", {}, None),  # a bf16 base keeps everything (the fastest step)
+    ("cpu", {"quantization_bit": 4}, None),
+    ("cuda", {"quantization_bit": 4, "gradient_checkpointing": "none"}, None),  # the user's choice wins
+    ("cuda", {"quantization_bit": 8, "gradient_checkpointing": "blocks"}, "blocks"),
 ])
-def test_quantized_bases_recompute_mlps_and_attention_by_default_on_a_gpu(tiny_model_dir, device, options, limits,
-                                                                          expected):
+def test_quantized_bases_recompute_mlps_and_attention_by_default_on_a_gpu(tiny_model_dir, device, options, expected):
     """The small cards' default: INT4 LoRA at 5.5 GiB within 1.5x of bf16 (H200, bench/results/README.md)."""
     from training import resolve_gradient_checkpointing
-    family = argparse.Namespace(limits=limits)
     run = argparse.Namespace(**{"quantization_bit": None, "quantization": None, "model_dir": tiny_model_dir,
                                 "pack_rows": True, "gradient_checkpointing": None, **options})
-    assert resolve_gradient_checkpointing(run, torch.device(device), family) == expected
-
-
-def test_recomputing_mlps_where_the_family_cannot_is_a_clear_error(tiny_model_dir):
-    from training import resolve_gradient_checkpointing
-    run = argparse.Namespace(quantization_bit=None, quantization=None, model_dir=tiny_model_dir, pack_rows=True,
-                             gradient_checkpointing="mlp")
-    with pytest.raises(SystemExit, match="error: no MLP of ours"):
-        resolve_gradient_checkpointing(run, torch.device("cuda"), argparse.Namespace(limits={"recompute_mlp":
-                                                                                         "no MLP of ours"}))
+    assert resolve_gradient_checkpointing(run, torch.device(device)) == expected

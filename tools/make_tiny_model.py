@@ -1,9 +1,11 @@
-"""Build a tiny, randomly initialised ChatGLM-6B, ChatGLM2-6B or ChatGLM3-6B folder laid out like THUDM's official.
+"""Build a tiny, randomly initialised ChatGLM-6B, ChatGLM2/3-6B or GLM-4 folder laid out like the published ones.
 
 The folder holds `config.json`, the tokenizer (a SentencePiece model trained here on the given text: `ice_text.model`
 with ChatGLM-6B's special pieces, or `tokenizer.model` for ChatGLM2/3, whose special tokens follow the
-SentencePiece vocabulary), `tokenizer_config.json` and the weights under the official parameter names — sharded
-`pytorch_model-0000N-of-0000M.bin` with `pytorch_model.bin.index.json` (as published) or safetensors. Every script
+SentencePiece vocabulary; GLM-4: a byte-level BPE, as `tokenizer.model` in THUDM's layout or `tokenizer.json` in
+transformers' for `glm4-hf` / `glm4-0414`), `tokenizer_config.json` and the weights under the official parameter
+names — sharded `pytorch_model-0000N-of-0000M.bin` with `pytorch_model.bin.index.json` (as published) or
+safetensors (transformers' layouts: as transformers' own classes save them). Every script
 of the suite runs on it unchanged. It is a stand-in for the real model: it knows nothing.
 
     python tools/make_tiny_model.py --output_dir /tmp/tiny-chatglm [--family chatglm2] [--num_layers 4 ...]
@@ -237,26 +239,36 @@ def native_glm4_tokenizer(texts, vocab_pieces, scratch):
                                    padding_side="left", chat_template=CHAT_TEMPLATE)
 
 
+def native_config(family, tokenizer, num_layers, hidden_size, num_attention_heads, inner_hidden_size,
+                  max_sequence_length, vocab_size=None):
+    """transformers' config of a glm-4-9b-chat-hf / GLM-4-9B-0414 folder at these sizes (vocabulary: the tokenizer's,
+    padded to 64, unless given)."""
+    import transformers
+    config_name, _, rope_theta = NATIVE_CLASSES[family]
+    special = tokenizer.convert_tokens_to_ids
+    return getattr(transformers, config_name)(
+        vocab_size=vocab_size or round_up(len(tokenizer), 64), hidden_size=hidden_size,
+        intermediate_size=inner_hidden_size, num_hidden_layers=num_layers, num_attention_heads=num_attention_heads,
+        num_key_value_heads=2, head_dim=hidden_size // num_attention_heads, rms_norm_eps=1.5625e-07,
+        attention_bias=True, max_position_embeddings=max_sequence_length, tie_word_embeddings=False,
+        rope_parameters={"rope_type": "default", "rope_theta": rope_theta, "partial_rotary_factor": 0.5},
+        pad_token_id=special("<|endoftext|>"),
+        eos_token_id=[special("<|endoftext|>"), special("<|user|>"), special("<|observation|>")],
+        architectures=[NATIVE_CLASSES[family][1]])
+
+
 def build_native_tiny_model(output_dir, family, texts, num_layers, hidden_size, num_attention_heads,
                             inner_hidden_size, vocab_pieces, max_sequence_length, seed, embedding_std, init_std):
     import tempfile
 
     import transformers
-    config_name, model_name, rope_theta = NATIVE_CLASSES[family]
     with tempfile.TemporaryDirectory() as scratch:
         tokenizer = native_glm4_tokenizer(texts, vocab_pieces, scratch)
     tokenizer.save_pretrained(output_dir)
-    special = tokenizer.convert_tokens_to_ids
-    config = getattr(transformers, config_name)(
-        vocab_size=round_up(len(tokenizer), 64), hidden_size=hidden_size, intermediate_size=inner_hidden_size,
-        num_hidden_layers=num_layers, num_attention_heads=num_attention_heads, num_key_value_heads=2,
-        head_dim=hidden_size // num_attention_heads, rms_norm_eps=1.5625e-07, attention_bias=True,
-        max_position_embeddings=max_sequence_length, tie_word_embeddings=False,
-        rope_parameters={"rope_type": "default", "rope_theta": rope_theta, "partial_rotary_factor": 0.5},
-        pad_token_id=special("<|endoftext|>"),
-        eos_token_id=[special("<|endoftext|>"), special("<|user|>"), special("<|observation|>")])
+    config = native_config(family, tokenizer, num_layers, hidden_size, num_attention_heads, inner_hidden_size,
+                           max_sequence_length)
     torch.manual_seed(seed)
-    model = getattr(transformers, model_name)(config)
+    model = getattr(transformers, NATIVE_CLASSES[family][1])(config)
     with torch.no_grad():  # scales like a trained model's (see build_tiny_model)
         for name, parameter in model.named_parameters():
             if parameter.ndim == 2:
