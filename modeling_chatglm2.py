@@ -62,12 +62,18 @@ def apply_rotary(x, cos, sin):
 
 
 class RMSNorm(nn.Module):
+    """THUDM's RMSNorm: x / rms(x) times the weight, in float32, rounded once to x's dtype. F.rms_norm computes
+    that (in float32 for half-precision inputs) as one kernel on a GPU, forward and backward: a 6B block's two
+    norms were ~15 small kernels each way."""
+
     def __init__(self, size, eps):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(size))
         self.eps = eps
 
     def forward(self, x):
+        if x.dtype == self.weight.dtype:
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
         variance = x.float().pow(2).mean(-1, keepdim=True)
         return (self.weight * (x.float() * torch.rsqrt(variance + self.eps))).to(x.dtype)
 

@@ -103,12 +103,16 @@ def record(rows, row, out):
 
 
 def table(rows):
-    lines = ["| layout | run | ms/step | tokens/s | peak GiB | first step s (from the command) | 50 rows predicted: "
-             "generation s / command s |", "| --- " * 7 + "|"]
+    """ms/step: the steps alone (second half of the run, captures of new shapes taken out; the peer: its median
+    step); with captures: the second half's wall time per step."""
+    lines = ["| layout | run | ms/step | with captures | tokens/s | peak GiB | first step s (from the command) | "
+             "50 rows predicted: generation s / command s |", "| --- " * 8 + "|"]
     for r in rows:
         predicted = f"{r['generation_s']} / {r['wall_s']}" if "generation_s" in r else ""
-        lines.append(f"| {r['layout']} | {r['method']} | {r.get('ms_per_step', '')} | "
-                     f"{r.get('tokens_per_s', r.get('real_tokens_per_s', ''))} | {r.get('peak_gib', '')} | "
+        steady = r.get("ms_per_step_replayed", r.get("ms_per_step", "")) if "generation_s" not in r else ""
+        lines.append(f"| {r['layout']} | {r['method']} | {steady} | "
+                     f"{r.get('ms_per_step', '') if 'ms_per_step_replayed' in r else ''} | "
+                     f"{r.get('replayed_tokens_per_s', r.get('real_tokens_per_s', ''))} | {r.get('peak_gib', '')} | "
                      f"{r.get('first_step_from_command_s', '')} | {predicted} |")
     return "\n".join(lines)
 

@@ -126,9 +126,14 @@ def summarize(run):
         # and on several GPUs the other ranks wait for it): the rate once every shape has been seen
         rates = sorted(r["tokens_per_s"] for r in half[1:])
         row.update(median_window_tokens_per_s=round(rates[len(rates) // 2]))
-        row.update(tokens_per_s=round(tokens / seconds), ms_per_step=round(1000 * seconds / (half[-1]["step"] - half[0]["step"]), 1),
+        steps = half[-1]["step"] - half[0]["step"]
+        row.update(tokens_per_s=round(tokens / seconds), ms_per_step=round(1000 * seconds / steps, 1),
                    peak_gib=max(r.get("peak_gib", 0) for r in losses), last_loss=losses[-1]["loss"],
                    captured_shapes=losses[-1].get("captured_shapes"), capture_s=losses[-1].get("capture_s"))
+        if half[-1].get("capture_s") is not None:  # the steps alone: the captures of new shapes taken out
+            captured = half[-1]["capture_s"] - half[0]["capture_s"]
+            row.update(ms_per_step_replayed=round(1000 * (seconds - captured) / steps, 1),
+                       replayed_tokens_per_s=round(tokens / (seconds - captured)))
     if row["returncode"] not in (0, 130, -2) or not losses:  # -2: the launcher stopped by our SIGINT
         row["log_tail"] = text[-1500:]
     return row

@@ -84,7 +84,7 @@ def test_slot_decoder_rows_that_enter_and_leave_mid_way_decode_as_generate(famil
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
-@pytest.mark.parametrize("family", ["chatglm", "chatglm2"])
+@pytest.mark.parametrize("family", ["chatglm", "chatglm2", "glm4-0414"])
 def test_slot_decoder_replays_cuda_graphs_as_generate_on_the_gpu(family_model_dirs, untied_model_dir, family):
     folder = untied_model_dir if family == "chatglm" else family_model_dirs[family]
     model = load_model(folder, pre_seq_len=3).cuda().eval()
@@ -154,7 +154,7 @@ def test_cache_keeps_each_rows_tokens_without_padding_and_attends_over_them_only
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the CUDA graph path needs a GPU")
-@pytest.mark.parametrize("family", ["chatglm", "chatglm2"])
+@pytest.mark.parametrize("family", ["chatglm", "chatglm2", "glm4-0414"])
 def test_cuda_graph_replay_equals_generate_on_the_gpu(family_model_dirs, untied_model_dir, family):
     folder = untied_model_dir if family == "chatglm" else family_model_dirs[family]
     model = load_model(folder, pre_seq_len=3).cuda().eval()
@@ -192,7 +192,7 @@ def test_flash_decode_attention_equals_the_masked_one(kv_heads):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="flash attention needs a GPU")
-@pytest.mark.parametrize("family", ["chatglm", "chatglm2"])
+@pytest.mark.parametrize("family", ["chatglm", "chatglm2", "glm4-0414"])
 def test_flash_decoding_gives_the_masked_decodings_tokens_in_bf16(family_model_dirs, untied_model_dir, family,
                                                                     monkeypatch):
     import decoding

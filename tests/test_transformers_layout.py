@@ -220,3 +220,20 @@ def test_bitsandbytes_quantizes_every_block_linear(family_model_dirs, family_nam
     quantized = [n for n, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)]
     assert len(quantized) == 6 * model.config.num_hidden_layers  # q, k, v, o, gate_up, down
     assert isinstance(model.lm_head, torch.nn.Linear) and not isinstance(model.lm_head, bnb.nn.Linear4bit)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the fused GPU kernels (RMSNorm, flash attention)")
+@pytest.mark.parametrize("family_name", FAMILIES)
+def test_on_a_gpu_the_logits_equal_transformers_class_in_fp32_and_within_bf16_rounding(family_model_dirs,
+                                                                                        family_name):
+    from model_family import load_model
+    folder = family_model_dirs[family_name]
+    ids, mask, positions = (t.cuda() for t in prompt_batch(folder))
+    for dtype, tolerance in ((torch.float32, 1e-4), (torch.bfloat16, 0.02)):
+        ours = load_model(folder, dtype=dtype).cuda().eval()
+        theirs = transformers_model(folder, family_name).to(device="cuda", dtype=dtype)
+        with torch.no_grad():
+            logits = ours(input_ids=ids, attention_mask=mask).logits.float()
+            reference = theirs(input_ids=ids, attention_mask=mask, position_ids=positions).logits.float()
+        scale = reference[mask.bool()].abs().max().item() if dtype == torch.bfloat16 else 1.0
+        assert max_difference(logits, reference, mask) <= tolerance * scale, dtype
