@@ -237,3 +237,49 @@ def test_on_a_gpu_the_logits_equal_transformers_class_in_fp32_and_within_bf16_ro
             reference = theirs(input_ids=ids, attention_mask=mask, position_ids=positions).logits.float()
         scale = reference[mask.bool()].abs().max().item() if dtype == torch.bfloat16 else 1.0
         assert max_difference(logits, reference, mask) <= tolerance * scale, dtype
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_lora_on_q_k_v_computed_together_equals_peft_forward_values_and_gradients(family_model_dirs, dropout):
+    """modeling_glm4.lora_projections: the three adapters' work in fewer kernels, PEFT's numbers (eval mode, where
+    dropout draws nothing); in training each adapter draws a mask of its own, as PEFT's three dropouts do."""
+    from peft import LoraConfig, get_peft_model
+
+    from model_family import load_model
+    from modeling_glm4 import lora_projections, plain_lora_adapter
+    model = get_peft_model(load_model(family_model_dirs["glm4-hf"]), LoraConfig(
+        r=4, lora_alpha=8, lora_dropout=dropout, target_modules=["q_proj", "k_proj", "v_proj"],
+        init_lora_weights=False))
+    attention = model.base_model.model.model.layers[0].self_attn
+    layers = (attention.q_proj, attention.k_proj, attention.v_proj)
+    assert plain_lora_adapter(layers) == "default"
+    x = torch.randn(2, 5, model.config.hidden_size, generator=torch.Generator().manual_seed(0), requires_grad=True)
+    model.eval()
+    results = []
+    for together in (True, False):
+        outputs = lora_projections(x, layers, "default") if together else [layer(x) for layer in layers]
+        sum((o * torch.randn_like(o, generator=torch.Generator().manual_seed(i))).sum()
+            for i, o in enumerate(outputs)).backward()
+        results.append(([o.detach() for o in outputs], x.grad.clone(),
+                        [p.grad.clone() for layer in layers for p in layer.parameters() if p.requires_grad]))
+        x.grad = None
+        model.zero_grad()
+    for got, expected in zip(results[0][0] + [results[0][1]] + results[0][2],
+                             results[1][0] + [results[1][1]] + results[1][2]):
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)  # the scaling comes before B, not after
+    if dropout:  # k and v given the same adapter: equal updates in eval mode, different masks in training
+        with torch.no_grad():
+            for name in ("lora_A", "lora_B"):
+                getattr(attention.v_proj, name)["default"].weight.copy_(getattr(attention.k_proj, name)["default"].weight)
+        model.train()
+        with torch.no_grad():
+            x1 = torch.ones(1, 64, model.config.hidden_size)
+
+            def updates():
+                k, v = lora_projections(x1, layers, "default")[1:]
+                return k - attention.k_proj.base_layer(x1), v - attention.v_proj.base_layer(x1)
+            assert not torch.allclose(*updates())
+            model.eval()
+            torch.testing.assert_close(*updates())
+    attention.k_proj.merge()  # a merged adapter: PEFT's own forward
+    assert plain_lora_adapter(layers) is None
