@@ -204,6 +204,16 @@ class Conversation:
         return task_prompt_ids(self.tokenizer, self.family, history if self.conversations else [], query,
                                self.prompt_text, self.max_src_len, self.conversations)
 
+    def whole_prompt_ids(self, query, history, system=None):
+        """(the prompt's ids with nothing cut, whether they fit the trained --max_src_len): serve.py refuses a
+        prompt that the task format would cut, where chat.py cuts it as prediction does."""
+        if self.args.format == "chat":
+            return chat_prompt_ids(self.tokenizer, self.family, history, query, system or self.args.system), True
+        history = history if self.conversations else []
+        whole = task_prompt_ids(self.tokenizer, self.family, history, query, self.prompt_text, 10 ** 9,
+                                self.conversations)
+        return whole, whole == self.prompt_ids(query, history)
+
 
 def trained_on_conversations(saved):
     """Whether the training file held conversation rows (its first row says)."""
@@ -267,8 +277,8 @@ def run_interactive(conversation, model, args, sampling):
         conversation.history.append((query, text))
 
 
-def build_parser():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_model_arguments(parser):
+    """What chat.py and serve.py load and how a message becomes a prompt."""
     parser.add_argument("--model_dir", required=True, help="a base model folder, a checkpoint, or a training "
                         "output folder (its latest checkpoint)")
     parser.add_argument("--ori_model_dir", default=None, help="the base of a checkpoint (default: the one it names)")
@@ -286,13 +296,22 @@ def build_parser():
     parser.add_argument("--prompt_text", default=None, help="task format: put before each message (default: the "
                         "training run's)")
     parser.add_argument("--max_src_len", type=int, default=None, help="task format: default the training run's")
-    parser.add_argument("--greedy", action="store_true", help="always the most likely token (as predict)")
+
+
+def add_sampling_arguments(parser):
     parser.add_argument("--top_p", type=float, default=None, help="default: the family's official (0.7 / 0.8)")
     parser.add_argument("--temperature", type=float, default=None, help="default: the family's official "
                         "(0.95 / 0.8); 0 means greedy")
     parser.add_argument("--top_k", type=int, default=0, help="0: off")
-    parser.add_argument("--repetition_penalty", type=float, default=1.0)
     parser.add_argument("--max_new_tokens", type=int, default=1024)
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_arguments(parser)
+    parser.add_argument("--greedy", action="store_true", help="always the most likely token (as predict)")
+    add_sampling_arguments(parser)
+    parser.add_argument("--repetition_penalty", type=float, default=1.0)
     parser.add_argument("--seed", type=int, default=None, help="for repeatable sampling")
     parser.add_argument("--input", default=None, help="a JSONL file of turns: answer them and exit")
     parser.add_argument("--output", default=None, help="with --input: write the answers here, not to stdout")

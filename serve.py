@@ -1,350 +1,223 @@
-"""An OpenAI-compatible HTTP server for a base model or a fine-tuned checkpoint.
+"""An OpenAI-compatible HTTP server for a base model or a fine-tuned checkpoint, safe to share on one machine.
 
-    python serve.py --model_dir output_dir_lora --port 8000
+    python serve.py --model_dir output_dir_lora --port 8000              # then open http://127.0.0.1:8000/
     curl localhost:8000/v1/chat/completions -H 'Content-Type: application/json' \\
-        -d '{"model": "output_dir_lora", "messages": [{"role": "user", "content": "发动机异响"}], "temperature": 0}'
+        -d '{"messages": [{"role": "user", "content": "发动机异响"}], "temperature": 0}'
 
-Endpoints: POST /v1/chat/completions (with "stream": true as server-sent events, as OpenAI's), GET /v1/models,
-GET /health. The prompt format is chat.py's default for the folder: a checkpoint gets the layout it was trained on
-(the last user message is the row's text), a base folder its family's official chat template (system, user and
-assistant messages as history). `"temperature": 0` means greedy; otherwise top_p / temperature / max_tokens as sent
-(the family's official defaults when absent).
+Endpoints: POST /v1/chat/completions ("stream": true for server-sent events, as OpenAI's), GET /v1/models,
+GET /metrics (Prometheus), GET /health, and GET / (a chat page that talks to this server's API).
 
-Concurrent requests are generated together (continuous batching): on the model files (ChatGLM-6B, ChatGLM2/3,
-GLM-4 in THUDM's layout) all requests share the rows of one static cache (decoding.SlotDecoder); a request takes a
-free row as soon as it arrives, every decode step serves all rows at once (one CUDA graph replay on a GPU), and a
-request that ends or whose client hangs up frees its row at once. Greedy and sampling requests share the rows.
-transformers' GLM classes, and requests longer than a row (--slot_tokens), run in cohorts on transformers' cache:
-the requests that arrive together, stepped in turn with the other cohorts. Bad requests get OpenAI's error JSON
-with a 4xx status.
+The prompt format is chat.py's default for the folder: a checkpoint gets the layout it was trained on (the user
+message is the row's text; system messages and earlier turns are refused there unless it learned conversations),
+a base folder its family's official chat template. Sampling: a request's temperature / top_p / top_k / max_tokens
+win; otherwise this server's --temperature etc. (the family's official defaults); temperature 0 is greedy.
+
+Sharing it: requests generate together (continuous batching, at most --max_batch at once; serving_engine.py), at
+most --max_queue wait (beyond: 429 with Retry-After), and each request's values are checked at the door
+(serving_api.py): one client's bad values, failure or hang-up never touches another's answer. --api_key (or the
+CHATGLM_API_KEY environment variable) requires `Authorization: Bearer KEY` on the API; bodies must be JSON; pages of
+other origins are refused unless --allowed_origins names them; bound to loopback (the default), only requests
+naming this machine in their Host header are served. One access-log line per request goes to stderr.
 """
+import argparse
 import asyncio
 import json
 import os
-import queue
-import threading
+import socket
+import sys
 import time
+import traceback
 import uuid
 
-import torch
-
 import chat
+from serving_api import AccessPolicy, APIError, ServerMetrics, Settings, bad, body_too_large, check_request, prompt_ids
+
+PAGE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "chat_page")
+API_KEY_VARIABLE = "CHATGLM_API_KEY"
 
 
-# ---- sampling ---------------------------------------------------------------------------------------------------
-
-def next_tokens(logits, requests, vocab_size):
-    """The next token of each row: greedy where temperature is 0, else top-k / top-p sampling at its temperature."""
-    logits = logits[:, :vocab_size].float()
-    tokens = logits.argmax(-1)
-    for row, request in enumerate(requests):
-        if request.temperature == 0:
-            continue
-        scores = logits[row] / request.temperature
-        if request.top_k:
-            kth = torch.topk(scores, min(request.top_k, scores.numel())).values[-1]
-            scores = scores.masked_fill(scores < kth, float("-inf"))
-        probabilities = torch.softmax(scores, -1)
-        ordered, order = probabilities.sort(descending=True)
-        outside = ordered.cumsum(-1) - ordered > request.top_p  # keep the smallest set reaching top_p
-        probabilities[order[outside]] = 0
-        tokens[row] = torch.multinomial(probabilities / probabilities.sum(), 1)[0]
-    return tokens
-
-
-# ---- the engine -------------------------------------------------------------------------------------------------
-
-class Request:
-    def __init__(self, prompt_ids, max_tokens, temperature, top_p, top_k, stop_ids, emit):
-        self.prompt_ids, self.max_tokens = prompt_ids, max_tokens
-        self.temperature, self.top_p, self.top_k = temperature, top_p, top_k
-        self.stop_ids, self.emit = stop_ids, emit  # emit(token id or None at the end, finish reason)
-        self.generated, self.cancelled = [], False
-
-
-class Cohort:
-    """Requests that start together: one left-padded prompt forward, then one step per token for all of them
-    (transformers' cache and the model's generate() inputs: any sampling settings per row)."""
-
-    def __init__(self, model, requests, pad_id, vocab_size):
-        from prediction import left_pad
-        from transformers import DynamicCache
-        self.model, self.requests, self.vocab_size = model, requests, vocab_size
-        device = next(model.parameters()).device
-        ids, mask = left_pad([r.prompt_ids for r in requests], pad_id)
-        self.ids, self.mask = ids.to(device), mask.to(device)
-        self.cache = DynamicCache()
-        self.live = [True] * len(requests)
-
-    def step(self):
-        """One forward for the whole cohort; each live request gets its next token. Returns False when all ended."""
-        logits = self.model(**self.next_inputs()).logits[:, -1]
-        tokens = next_tokens(logits, self.requests, self.vocab_size)
-        self.ids = torch.cat([self.ids, tokens[:, None]], dim=1)
-        self.mask = torch.cat([self.mask, self.mask.new_ones(len(self.requests), 1)], dim=1)
-        return self.deliver(tokens.tolist())
-
-    def next_inputs(self):
-        """The tokens the cache has not seen, with what the model needs to place them."""
-        # the model files place left-padded rows themselves
-        return self.model.prepare_inputs_for_generation(self.ids, past_key_values=self.cache,
-                                                        attention_mask=self.mask, use_cache=True)
-
-    def deliver(self, tokens):
-        for row, (request, token) in enumerate(zip(self.requests, tokens)):
-            if self.live[row]:
-                self.live[row] = deliver_token(request, token)
-        return any(self.live)
-
-
-class Slots:
-    """The requests on the engine's SlotDecoder (decoding.py): continuous batching. A request takes a free row as
-    soon as it arrives (its prompt's forward, with the others that arrived in the same step), gets one token per
-    decode step of the whole set, and frees its row when it ends or its client leaves."""
-
-    def __init__(self, decoder):
-        self.decoder = decoder
-        self.requests = [None] * decoder.slots
-        self.filled = [0] * decoder.slots  # cache slots each row has written (host copy: no sync to read it)
-        self.most_live = 0  # a statistic (bench/bench_serve.py reports it)
-
-    def free_rows(self):
-        return [row for row, request in enumerate(self.requests) if request is None]
-
-    def fits(self, request):
-        return len(request.prompt_ids) + request.max_tokens + 1 <= self.decoder.longest_row
-
-    def live(self):
-        return sum(r is not None for r in self.requests)
-
-    def admit(self, requests):
-        rows = self.free_rows()[:len(requests)]
-        logits = self.decoder.admit(rows, [r.prompt_ids for r in requests])
-        for row, request in zip(rows, requests):
-            self.requests[row] = request
-            self.filled[row] = self.decoder.leading + len(request.prompt_ids)
-        self.deliver(rows, lambda: logits)
-
-    def step(self):
-        rows = [row for row, request in enumerate(self.requests) if request is not None]
-        self.most_live = max(self.most_live, len(rows))
-        self.decoder.run_step(max(self.filled[row] for row in rows) + 1)
-        if self.decoder.tokens.is_cuda:  # wait with the GIL released: the HTTP side runs meanwhile
-            torch.cuda.current_stream().synchronize()
-        for row in rows:
-            self.filled[row] += 1
-        self.deliver(rows, lambda: self.decoder.logits[rows])
-
-    def deliver(self, rows, logits):
-        """Each row's next token (sampled where its request samples; the decoder fed greedy ones already) to its
-        request; rows whose request ended are freed. `logits()`: the rows' logits, gathered only when one samples."""
-        requests = [self.requests[row] for row in rows]
-        if any(r.temperature for r in requests):
-            tokens = next_tokens(logits(), requests, self.decoder.vocab_size)
-            self.decoder.tokens[rows] = tokens[:, None].to(self.decoder.tokens.device)
-        else:
-            tokens = self.decoder.tokens[rows, 0]
-        ended = [row for row, request, token in zip(rows, requests, tokens.tolist())
-                 if not deliver_token(request, token)]
-        for row in ended:
-            self.requests[row] = None
-        if ended:
-            self.decoder.release(ended)
-
-
-def deliver_token(request, token):
-    """Hands one new token to a request; False once the request has ended (stop token, length, cancelled)."""
-    if request.cancelled:
-        return False
-    if token in request.stop_ids:
-        request.emit(None, "stop")
-        return False
-    request.generated.append(token)
-    request.emit(token, None)
-    if len(request.generated) >= request.max_tokens:
-        request.emit(None, "length")
-        return False
-    return True
-
-
-class Engine:
-    """A thread that admits waiting requests and steps them: on the model files' static decoder all requests share
-    one set of slots (continuous batching); transformers' GLM classes, and a request longer than a slot, run in
-    cohorts on transformers' cache (the requests that arrive together, stepped in turn with the other cohorts)."""
-
-    def __init__(self, model, tokenizer, max_batch=64, gather_idle_s=0.005, gather_busy_s=0.005,
-                 static_decoder=True, slot_tokens=2048):
-        from prediction import token_count
-        self.model, self.tokenizer, self.max_batch = model, tokenizer, max_batch
-        self.gather_idle_s, self.gather_busy_s = gather_idle_s, gather_busy_s
-        self.vocab_size = token_count(tokenizer)  # a padded output layer's extra ids are never chosen
-        self.slots = Slots(self.slot_decoder(max_batch, slot_tokens)) if static_decoder else None
-        self.waiting, self.cohorts, self.pending = queue.Queue(), [], []
-        self.cohorts_started = 0  # a statistic (bench/bench_serve.py reports it)
-        threading.Thread(target=self.run, daemon=True, name="engine").start()
-
-    def slot_decoder(self, max_batch, slot_tokens):
-        """As many slots as --max_batch asks, fewer where their cache would take over half the free GPU memory."""
-        from decoding import SlotDecoder
-        element = self.model.get_input_embeddings().weight.element_size()
-        per_slot = slot_tokens * SlotDecoder.bytes_per_token(self.model.config, element)
-        slots = max_batch
-        device = next(self.model.parameters()).device
-        if device.type == "cuda":
-            free, _ = torch.cuda.mem_get_info(device)
-            slots = max(1, min(max_batch, int(0.5 * free // per_slot)))
-        print(f"continuous batching: {slots} slots of {slot_tokens} tokens ({slots * per_slot / 2 ** 30:.2f} GiB "
-              f"of cache)", flush=True)
-        return SlotDecoder(self.model, slots, slot_tokens, self.vocab_size)
-
-    def active(self):
-        """Requests being generated now (a statistic: read without the engine's lock)."""
-        slotted = self.slots.live() if self.slots else 0
-        return slotted + sum(sum(c.live) for c in list(self.cohorts)) + self.waiting.qsize() + len(self.pending)
-
-    def submit(self, request):
-        self.waiting.put(request)
-
-    def take_waiting(self):
-        """The requests that start now, or []. A request waits a little (5 ms) for others to join it, so that
-        clients that arrive together share one prompt forward."""
-        try:
-            while True:
-                busy = self.cohorts or self.pending or (self.slots and self.slots.live())
-                self.pending.append((time.perf_counter(), self.waiting.get(block=not busy)))
-        except queue.Empty:
-            pass
-        self.pending = [(t, r) for t, r in self.pending if not r.cancelled]
-        if not self.pending:
-            return []
-        busy = self.cohorts or (self.slots and self.slots.live())
-        waited = time.perf_counter() - self.pending[0][0]
-        if waited < (self.gather_busy_s if busy else self.gather_idle_s) and len(self.pending) < self.max_batch:
-            if not busy:
-                time.sleep(0.001)
-            return []
-        taken, self.pending = self.pending[:self.max_batch], self.pending[self.max_batch:]
-        return [r for _, r in taken]
-
-    def start(self, arrived):
-        """Slots for the requests that fit while rows are free; a cohort for the rest."""
-        if self.slots:
-            free = len(self.slots.free_rows())
-            slotted = [r for r in arrived if self.slots.fits(r)][:free]
-            if slotted:
-                self.slots.admit(slotted)
-            arrived = [r for r in arrived if r not in slotted]
-            if any(self.slots.fits(r) for r in arrived):  # no row free: wait for one
-                self.pending = [(time.perf_counter(), r) for r in arrived if self.slots.fits(r)] + self.pending
-                arrived = [r for r in arrived if not self.slots.fits(r)]
-        if arrived:
-            self.cohorts_started += 1
-            self.cohorts.append(Cohort(self.model, arrived, self.tokenizer.pad_token_id, self.vocab_size))
-
-    @torch.no_grad()
-    def run(self):
-        while True:
-            arrived = self.take_waiting()
-            try:
-                if arrived:
-                    self.start(arrived)
-                if self.slots and self.slots.live():
-                    self.slots.step()
-            except Exception as err:  # a failed step ends the slots' requests with the reason, the server goes on
-                ended = []
-                for row, request in enumerate(self.slots.requests if self.slots else []):
-                    if request is not None:
-                        ended.append(request)
-                        self.slots.requests[row] = None
-                        self.slots.decoder.release([row])
-                in_cohorts = {id(r) for c in self.cohorts for r in c.requests}
-                ended += [r for r in arrived if r not in ended and id(r) not in in_cohorts]  # a failed prompt forward
-                for request in ended:
-                    request.emit(None, f"error: {err}")
-            for cohort in list(self.cohorts):
-                try:
-                    alive = cohort.step()
-                except Exception as err:
-                    for request in cohort.requests:
-                        request.emit(None, f"error: {err}")
-                    alive = False
-                if not alive:
-                    self.cohorts.remove(cohort)
-
-
-# ---- the HTTP API -----------------------------------------------------------------------------------------------
-
-def error(status, message, kind="invalid_request_error", param=None, code=None):
-    from fastapi.responses import JSONResponse
-    return JSONResponse(status_code=status, content={"error": {"message": message, "type": kind, "param": param,
-                                                               "code": code}})
-
-
-class BadRequest(ValueError):
-    def __init__(self, message, param=None, code=None, status=400):
-        super().__init__(message)
-        self.param, self.code, self.status = param, code, status
-
-
-def parse_request(body, server):
-    """(prompt ids, settings) of a chat completion request, or BadRequest saying what is wrong."""
-    if not isinstance(body, dict):
-        raise BadRequest("the body must be a JSON object")
-    if body.get("model") not in (None, server.model_name):
-        raise BadRequest(f"The model '{body.get('model')}' does not exist; this server has '{server.model_name}'",
-                         "model", "model_not_found", 404)
-    messages = body.get("messages")
-    if not isinstance(messages, list) or not messages:
-        raise BadRequest("'messages' must be a non-empty list", "messages")
-    for message in messages:
-        if not isinstance(message, dict) or message.get("role") not in ("system", "user", "assistant") or \
-                not isinstance(message.get("content"), str):
-            raise BadRequest("each message needs a role (system, user or assistant) and a string content", "messages")
-    if messages[-1]["role"] != "user":
-        raise BadRequest("the last message must be the user's", "messages")
-    if body.get("n", 1) != 1:
-        raise BadRequest("only n=1 is supported", "n")
-    system = next((m["content"] for m in messages if m["role"] == "system"), None)
-    talk = [m for m in messages if m["role"] != "system"]
-    history = [(q["content"], a["content"]) for q, a in zip(talk[:-1:2], talk[1:-1:2])
-               if q["role"] == "user" and a["role"] == "assistant"]
-    conversation = server.conversation
-    prompt_ids = conversation.prompt_ids(talk[-1]["content"], history,
-                                         system if chat.has_roles(conversation.family) else None)
-    max_tokens = body.get("max_tokens") or body.get("max_completion_tokens") or server.max_new_tokens
-    if len(prompt_ids) + max_tokens > server.context_length:
-        raise BadRequest(f"the prompt ({len(prompt_ids)} tokens) and max_tokens ({max_tokens}) exceed the context "
-                         f"length {server.context_length}", "messages", "context_length_exceeded")
-    top_p, temperature = chat.SAMPLING_DEFAULTS[conversation.family.name]
-    temperature = body.get("temperature", temperature)
-    if not isinstance(temperature, (int, float)) or temperature < 0:
-        raise BadRequest("temperature must be a number >= 0", "temperature")
-    return prompt_ids, dict(max_tokens=int(max_tokens), temperature=float(temperature),
-                            top_p=float(body.get("top_p", top_p)), top_k=int(body.get("top_k", 0) or 0))
+def log(line):
+    print(line, file=sys.stderr, flush=True)
 
 
 class Server:
+    """The model, its engine, and what the HTTP side needs to answer."""
+
     def __init__(self, model, tokenizer, family, args, saved, model_name):
-        self.model_name, self.max_new_tokens = model_name, args.max_new_tokens
+        from serving_engine import Engine
+        self.model_name, self.args, self.tokenizer, self.family = model_name, args, tokenizer, family
         self.conversation = chat.Conversation(tokenizer, family, args, saved)
-        self.context_length = getattr(model.config, "seq_length", None) or \
-            getattr(model.config, "max_sequence_length", None) or getattr(model.config, "max_position_embeddings", 2048)
+        config = model.config
+        context = getattr(config, "seq_length", None) or getattr(config, "max_sequence_length", None) or \
+            getattr(config, "max_position_embeddings", 2048)
+        self.settings = Settings(args, family, context, model_name, self.conversation)
         self.stop_ids = family.stop_token_ids(tokenizer)
-        self.engine = Engine(model, tokenizer, args.max_batch, slot_tokens=min(args.slot_tokens, self.context_length))
-        self.tokenizer, self.family = tokenizer, family
+        self.metrics = ServerMetrics(model_name)
+        self.policy = AccessPolicy(args.host, args.api_key, args.allowed_origins, args.max_body_bytes)
+        self.engine = Engine(model, tokenizer, args.max_batch, args.max_queue, min(args.slot_tokens, context), log=log)
 
     def text_of(self, ids):
         return self.family.answer_text(self.tokenizer.decode(ids, skip_special_tokens=True))
 
+    def info(self):
+        """What the chat page (and a monitor) may know without a key."""
+        return {"status": "ok", "model": self.model_name, "format": self.args.format,
+                "multi_turn": self.args.format == "chat" or self.conversation.conversations,
+                "api_key_required": bool(self.args.api_key), "running": self.engine.running(),
+                "waiting": self.engine.queue_length(),
+                "defaults": {"temperature": self.settings.temperature, "top_p": self.settings.top_p,
+                             "max_tokens": self.settings.max_tokens}}
+
+
+# ---- one request, from the body to its answer -----------------------------------------------------------------------
+
+async def read_body(http_request, limit):
+    body = bytearray()
+    async for chunk in http_request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise body_too_large(limit)
+    return bytes(body)
+
+
+def parse_json(raw):
+    try:
+        return json.loads(raw)
+    except RecursionError:
+        raise bad("the body nests JSON too deeply") from None
+    except ValueError as err:
+        raise bad(f"the body is not valid JSON: {str(err)[:120]}") from None
+
+
+class Outcome:
+    """The engine's events for one request, handed to the event loop: tokens as they come, then the end."""
+
+    def __init__(self, loop):
+        self.loop, self.events = loop, asyncio.Queue()
+
+    def on_token(self, token):
+        self.loop.call_soon_threadsafe(self.events.put_nowait, (token, None, None))
+
+    def on_finish(self, reason, error):
+        self.loop.call_soon_threadsafe(self.events.put_nowait, (None, reason, error))
+
+
+async def start_request(server, http_request):
+    """Check the request and hand it to the engine: (the engine's Request, its Outcome, the sampling settings)."""
+    from serving_engine import QueueFull, Request
+    raw = await read_body(http_request, server.args.max_body_bytes)
+    body = await asyncio.to_thread(parse_json, raw) if len(raw) > 1 << 16 else parse_json(raw)
+    turns, sampling = check_request(body, server.settings)
+    ids = await asyncio.to_thread(prompt_ids, turns, sampling, server.settings)  # tokenizing: off the event loop
+    outcome = Outcome(asyncio.get_running_loop())
+    timeout = server.args.request_timeout
+    request = Request(ids, sampling["max_tokens"], sampling["temperature"], sampling["top_p"], sampling["top_k"],
+                      [] if sampling["ignore_eos"] else server.stop_ids, outcome.on_token, outcome.on_finish,
+                      deadline=time.monotonic() + timeout if timeout else None)
+    original = request.on_finish
+    request.on_finish = lambda reason, error: (server.metrics.request_ended(request, reason), original(reason, error))
+    try:
+        server.engine.submit(request)
+    except QueueFull as err:
+        raise APIError(429, f"the server is busy: {err}; try again shortly", kind="rate_limit_error",
+                       code="rate_limit_exceeded", headers={"Retry-After": "1"}) from None
+    return request, outcome, sampling
+
+
+def failure(reason, error, server):
+    """The APIError a request that ended with `reason` gets (its internal error text goes to the log only)."""
+    if reason == "timeout":
+        return APIError(504, f"the request took longer than --request_timeout {server.args.request_timeout} s; its "
+                             "generation was stopped", kind="timeout_error", code="timeout")
+    log(f"request failed: {error}")
+    return APIError(500, "the server could not complete this request (its log says why)", kind="server_error")
+
+
+async def collect(server, http_request, request, outcome):
+    """A non-streamed answer: waits for the end, and ends the request as soon as its client hangs up."""
+    async def hang_up():
+        while (await http_request.receive())["type"] != "http.disconnect":
+            pass
+        request.cancelled = True  # the engine frees the row before its next step
+    watcher = asyncio.create_task(hang_up())
+    try:
+        while True:
+            token, reason, error = await outcome.events.get()
+            if token is None:
+                return reason, error
+    finally:
+        watcher.cancel()
+
+
+def completion_body(server, request, reason, completion_id, created):
+    return {"id": completion_id, "object": "chat.completion", "created": created, "model": server.model_name,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": server.text_of(request.generated)},
+                         "finish_reason": reason}],
+            "usage": {"prompt_tokens": len(request.prompt_ids), "completion_tokens": len(request.generated),
+                      "total_tokens": len(request.prompt_ids) + len(request.generated)}}
+
+
+async def stream_events(server, request, outcome, completion_id, created):
+    """OpenAI's chunks as server-sent events: the role, the text as it grows, the finish reason, [DONE]; a request
+    that fails ends with an error event instead (OpenAI's clients raise it). A client that hangs up cancels this
+    generator: its request leaves the engine before the next step."""
+    def chunk(delta, reason=None):
+        return "data: " + json.dumps({"id": completion_id, "object": "chat.completion.chunk", "created": created,
+                                      "model": server.model_name, "choices": [{"index": 0, "delta": delta,
+                                                                               "finish_reason": reason}]},
+                                     ensure_ascii=False) + "\n\n"
+    shown, tokens = "", []
+    try:
+        yield chunk({"role": "assistant", "content": ""})
+        while True:
+            token, reason, error = await outcome.events.get()
+            while token is not None and not outcome.events.empty():  # decode once for all the tokens that are ready
+                tokens.append(token)
+                token, reason, error = outcome.events.get_nowait()
+            if token is None:
+                break
+            tokens.append(token)
+            # held back: a trailing U+FFFD, part of a character whose other bytes are still to come (GLM-4's BPE)
+            text = server.text_of(tokens).rstrip("\ufffd")
+            if text.startswith(shown) and len(text) > len(shown):
+                yield chunk({"content": text[len(shown):]})
+                shown = text
+        if reason in ("stop", "length"):
+            text = server.text_of(tokens)
+            if text != shown and text.startswith(shown):
+                yield chunk({"content": text[len(shown):]})
+            yield chunk({}, reason)
+            yield "data: [DONE]\n\n"
+        else:
+            yield "data: " + json.dumps(failure(reason, error, server).body()) + "\n\n"
+    finally:
+        request.cancelled = True  # finished, or the client is gone
+
 
 def create_app(server):
     from fastapi import FastAPI, Request as HTTPRequest
-    from fastapi.responses import StreamingResponse
-    app = FastAPI(title="chatglm-finetuning")
+    from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, StreamingResponse
+    app = FastAPI(title="chatglm-finetuning", docs_url=None, redoc_url=None, openapi_url=None)
+
+    def error_response(err):
+        return JSONResponse(status_code=err.status, content=err.body(), headers=err.headers)
+
+    @app.get("/")
+    def page():
+        return FileResponse(os.path.join(PAGE_DIR, "index.html"), media_type="text/html")
+
+    @app.get("/chat.js")
+    def script():
+        return FileResponse(os.path.join(PAGE_DIR, "chat.js"), media_type="text/javascript")
 
     @app.get("/health")
     def health():
-        return {"status": "ok", "model": server.model_name, "active_requests": server.engine.active()}
+        return server.info()
+
+    @app.get("/metrics")
+    def metrics():
+        return PlainTextResponse(server.metrics.text(server.engine.running(), server.engine.queue_length()),
+                                 media_type="text/plain; version=0.0.4")
 
     @app.get("/v1/models")
     def models():
@@ -354,114 +227,149 @@ def create_app(server):
     @app.post("/v1/chat/completions")
     async def completions(http_request: HTTPRequest):
         try:
-            body = json.loads(await http_request.body())
-        except ValueError as err:
-            return error(400, f"the body is not valid JSON: {err}")
-        try:
-            prompt_ids, settings = parse_request(body, server)
-        except BadRequest as err:
-            return error(err.status, str(err), param=err.param, code=err.code)
-        loop = asyncio.get_running_loop()
-        events = asyncio.Queue()
-        request = chat_request(server, prompt_ids, settings, loop, events)
-        server.engine.submit(request)
+            request, outcome, sampling = await start_request(server, http_request)
+        except APIError as err:
+            http_request.state.log = f"refused: {str(err)[:100]}"
+            return error_response(err)
         completion_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-        if body.get("stream"):
-            return StreamingResponse(stream_events(server, request, events, completion_id, created),
+        if sampling["stream"]:
+            http_request.state.log = f"prompt={len(request.prompt_ids)} streamed"
+            return StreamingResponse(stream_events(server, request, outcome, completion_id, created),
                                      media_type="text/event-stream")
+        reason, error = await collect(server, http_request, request, outcome)
+        http_request.state.log = f"prompt={len(request.prompt_ids)} completion={len(request.generated)} {reason}"
+        if reason not in ("stop", "length"):
+            return error_response(failure(reason, error, server))
+        return completion_body(server, request, reason, completion_id, created)
+    return Gate(app, server)
+
+
+class Gate:
+    """ASGI around the app: the access policy (serving_api.AccessPolicy) before any handler, CORS for the allowed
+    origins, a JSON 500 without internal text for what fails unexpectedly, the metrics and one log line per
+    request."""
+
+    def __init__(self, app, server):
+        self.app, self.server = app, server
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        start, status = time.perf_counter(), {}
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        cors = self.server.policy.cors_headers(headers.get("origin"))
+
+        async def send_with_headers(message):
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+                message["headers"] = list(message.get("headers", [])) + \
+                    [(k.encode(), v.encode()) for k, v in cors.items()]
+            await send(message)
+        refusal = self.server.policy.refusal(scope["method"], scope["path"], headers)
         try:
-            reason = await collect(events)
-        except asyncio.CancelledError:
-            request.cancelled = True
-            raise
-        if reason.startswith("error"):
-            return error(500, reason, kind="server_error")
-        text = server.text_of(request.generated)
-        return {"id": completion_id, "object": "chat.completion", "created": created, "model": server.model_name,
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": reason}],
-                "usage": {"prompt_tokens": len(prompt_ids), "completion_tokens": len(request.generated),
-                          "total_tokens": len(prompt_ids) + len(request.generated)}}
-    return app
+            if refusal is not None:
+                await send_json(send_with_headers, refusal.status, refusal.body(), refusal.headers)
+            elif scope["method"] == "OPTIONS":
+                await send_json(send_with_headers, 204 if cors else 403, None)
+            else:
+                await self.app(scope, receive, send_with_headers)
+        except Exception:  # noqa: BLE001 (the client gets a plain 500; the log gets the traceback)
+            log(traceback.format_exc())
+            if "code" not in status:
+                await send_json(send_with_headers, 500, APIError(500, "internal server error",
+                                                                 kind="server_error").body())
+        finally:
+            self.server.metrics.http_request(scope["path"], status.get("code", 0))
+            client = (scope.get("client") or ("-",))[0]
+            extra = scope.get("state", {}).get("log", "") if refusal is None else f"refused: {str(refusal)[:100]}"
+            log(f'{client} "{scope["method"]} {scope["path"]}" {status.get("code", "-")} '
+                f'{1000 * (time.perf_counter() - start):.0f} ms {extra}'.rstrip())
 
 
-def chat_request(server, prompt_ids, settings, loop, events):
-    def emit(token, reason):
-        loop.call_soon_threadsafe(events.put_nowait, (token, reason))
-    return Request(prompt_ids, settings["max_tokens"], settings["temperature"], settings["top_p"], settings["top_k"],
-                   server.stop_ids, emit)
+async def send_json(send, status, content, headers=None):
+    body = b"" if content is None else json.dumps(content).encode()
+    head = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    head += [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
+    await send({"type": "http.response.start", "status": status, "headers": head})
+    await send({"type": "http.response.body", "body": body})
 
 
-async def collect(events):
-    while True:
-        token, reason = await events.get()
-        if token is None:
-            return reason
-
-
-async def stream_events(server, request, events, completion_id, created):
-    """OpenAI's chunks as server-sent events: the role, the text as it grows, the finish reason, [DONE]. A client
-    that hangs up cancels this generator: its request leaves the engine at the next step."""
-    def chunk(delta, reason=None):
-        return "data: " + json.dumps({"id": completion_id, "object": "chat.completion.chunk", "created": created,
-                                      "model": server.model_name, "choices": [{"index": 0, "delta": delta,
-                                                                               "finish_reason": reason}]},
-                                     ensure_ascii=False) + "\n\n"
-    shown = ""
-    try:
-        yield chunk({"role": "assistant", "content": ""})
-        while True:
-            token, reason = await events.get()
-            while token is not None and not events.empty():  # decode once for all the tokens that are ready
-                token, reason = events.get_nowait()
-            if token is None:
-                break
-            # held back: a trailing U+FFFD, part of a character whose other bytes are still to come (GLM-4's BPE)
-            text = server.text_of(request.generated).rstrip("\ufffd")
-            if text.startswith(shown) and len(text) > len(shown):
-                yield chunk({"content": text[len(shown):]})
-                shown = text
-        text = server.text_of(request.generated)
-        if text != shown and text.startswith(shown):
-            yield chunk({"content": text[len(shown):]})
-        yield chunk({}, "stop" if reason.startswith("error") else reason)
-        yield "data: [DONE]\n\n"
-    finally:
-        request.cancelled = True  # finished, or the client is gone
-
+# ---- the command ----------------------------------------------------------------------------------------------------
 
 def build_parser():
-    parser = chat.build_parser()
-    parser.description = __doc__
-    for action in list(parser._actions):
-        if action.dest in ("input", "output", "greedy", "seed"):
-            parser._remove_action(action)
-            for option in action.option_strings:
-                parser._option_string_actions.pop(option, None)
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=8000)
-    parser.add_argument("--model_name", default=None, help="the id clients send (default: the folder's name)")
-    parser.add_argument("--max_batch", type=int, default=64,
-                        help="most requests generated at once (the continuous batch's rows; fewer on a GPU where "
-                             "their cache would take over half the free memory)")
-    parser.add_argument("--slot_tokens", type=int, default=2048,
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    chat.add_model_arguments(parser)
+    sampling = parser.add_argument_group("sampling defaults (a request's own values win)")
+    chat.add_sampling_arguments(sampling)
+    server = parser.add_argument_group("server")
+    server.add_argument("--host", default="127.0.0.1", help="address to listen on (127.0.0.1: this machine only)")
+    server.add_argument("--port", type=int, default=8000)
+    server.add_argument("--model_name", default=None, help="the id clients send (default: the folder's name)")
+    server.add_argument("--api_key", default=os.environ.get(API_KEY_VARIABLE),
+                        help=f"require 'Authorization: Bearer KEY' on the API (default: ${API_KEY_VARIABLE}; none)")
+    server.add_argument("--allowed_origins", default="", help="comma-separated web origins whose pages may call "
+                        "the API (CORS), e.g. http://localhost:3000; '*' for any (default: none but this server's "
+                        "own page)")
+    server.add_argument("--max_batch", type=int, default=16, help="most requests generated at once (the "
+                        "continuous batch's rows and long requests together; fewer rows on a GPU where their cache "
+                        "would take over half the free memory)")
+    server.add_argument("--max_queue", type=int, default=64, help="most requests waiting for a row; beyond it the "
+                        "server answers 429 with Retry-After")
+    server.add_argument("--max_body_bytes", type=int, default=4 << 20, help="largest request body (413 beyond)")
+    server.add_argument("--request_timeout", type=float, default=600, help="seconds a request may take from its "
+                        "arrival to its last token (0: no limit); beyond it its generation stops and it gets 504")
+    server.add_argument("--slot_tokens", type=int, default=2048,
                         help="prompt + answer tokens one row of the continuous batch holds; a longer request runs "
-                             "on transformers' cache beside it")
+                             "on transformers' cache beside the rows, within --max_batch")
     return parser
+
+
+def check_arguments(args):
+    for name in ("max_batch", "max_queue", "max_body_bytes", "slot_tokens"):
+        if getattr(args, name) < 1:
+            raise SystemExit(f"error: --{name} must be at least 1")
+    if args.request_timeout < 0:
+        raise SystemExit("error: --request_timeout must be 0 (no limit) or more seconds")
+    if args.temperature is not None and not 0 <= args.temperature <= 2:
+        raise SystemExit("error: --temperature must be within [0, 2]")
+    if args.top_p is not None and not 0 < args.top_p <= 1:
+        raise SystemExit("error: --top_p must be within (0, 1]")
+    if args.top_k < 0 or args.max_new_tokens < 1:
+        raise SystemExit("error: --top_k must be >= 0 and --max_new_tokens >= 1")
+    args.allowed_origins = [o.strip().rstrip("/") for o in args.allowed_origins.split(",") if o.strip()]
+
+
+def listening_socket(host, port):
+    """The server's socket, bound before the model loads: a port in use is said at once, in one line."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as err:
+        sock.close()
+        raise SystemExit(f"error: cannot listen on {host}:{port}: {err.strerror} (another server there? choose "
+                         "--port)") from None
+    sock.listen(128)
+    return sock
 
 
 def main(argv=None):
     import uvicorn
     args = build_parser().parse_args(argv)
-    args.input = args.output = None
-    args.greedy, args.seed = False, None
+    check_arguments(args)
+    sock = listening_socket(args.host, args.port)
+    args.greedy, args.seed, args.input, args.output = False, None, None, None  # what chat's loading reads
     model, tokenizer, family, saved = chat.load_for_chat(args)
     if args.format is None:
         args.format = "task" if saved else "chat"
     server = Server(model, tokenizer, family, args, saved,
                     args.model_name or os.path.basename(os.path.normpath(args.model_dir)))
-    print(f"serving {server.model_name} ({family.name}, {args.format} format) on http://{args.host}:{args.port}",
-          flush=True)
-    uvicorn.run(create_app(server), host=args.host, port=args.port, log_level="warning")
+    shown_host = f"[{args.host}]" if ":" in args.host else args.host
+    log(f"serving {server.model_name} ({family.name}, {args.format} format) on http://{shown_host}:{args.port} "
+        f"(chat page at /; API key {'required' if args.api_key else 'not required'})")
+    config = uvicorn.Config(create_app(server), log_level="warning", access_log=False)
+    uvicorn.Server(config).run(sockets=[sock])
 
 
 if __name__ == "__main__":

@@ -111,3 +111,14 @@ def test_memory_at_peak_finds_what_is_alive_at_the_highest_total():
                      "outside the project: no Python frame (autograd's engine)": [200, 1]}
     trace.insert(2, {"action": "free_requested", "addr": 2, "size": 300})  # its reuse waits for another stream
     assert live_at_peak(trace, 1000, ROOT)[1][f"{DEFERRED}: modeling_chatglm.py:12 forward [compiled]"] == [300, 1]
+
+
+def test_the_load_and_fault_script_finds_no_error_and_no_leaked_row(family_model_dirs, tmp_path):
+    """bench/serve_load_faults.py, briefly: poison, hang-ups and over-long prompts beside greedy and sampled clients;
+    it exits 1 on any unexpected outcome, a greedy answer unlike its alone answer, or a row left in use."""
+    result = subprocess.run([sys.executable, "bench/serve_load_faults.py", "--model_dir", family_model_dirs["chatglm2"],
+                             "--clients", "3", "--seconds", "4", "--max_tokens", "12", "--out", str(tmp_path / "t.md"),
+                             "--serve_args", "--device", "cpu"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    table = (tmp_path / "t.md").read_text()
+    assert "| rows leaked (in use once the load ended) | 0 |" in table and "poison: 400" in table
