@@ -9,6 +9,7 @@ a temporary name and renamed when complete, so a run killed mid-save resumes fro
 The training scripts write these folders; the predict scripts (and chat/serve) read them.
 """
 import fcntl
+import functools
 import json
 import os
 import random
@@ -57,6 +58,43 @@ def write_json_atomic(path, obj):
     with open(tmp, "w", encoding="utf-8") as f:
         json.dump(obj, f, ensure_ascii=False, indent=2)
     os.replace(tmp, path)
+
+
+def weight_shapes(model_dir):
+    """{tensor name: shape} of a model folder's weights, read from the safetensors headers (or, for .bin files,
+    memory-mapped without unpickling anything but tensors)."""
+    import glob
+    shapes = {}
+    for path in sorted(glob.glob(os.path.join(model_dir, "*.safetensors"))):
+        from safetensors import safe_open
+        with safe_open(path, "pt") as f:
+            shapes.update({name: list(f.get_slice(name).get_shape()) for name in f.keys()})
+    if not shapes:
+        for path in sorted(glob.glob(os.path.join(model_dir, "pytorch_model*.bin"))):
+            state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+            shapes.update({name: list(t.shape) for name, t in state.items()})
+    return shapes
+
+
+@functools.lru_cache(maxsize=4)
+def base_fingerprint(model_dir):
+    """What identifies a base model folder: a hash of its config.json and of its weights' names and shapes (not
+    their values: reading 12 GB at every save would cost minutes). Computed once per run."""
+    import hashlib
+    with open(os.path.join(model_dir, "config.json"), "rb") as f:
+        config = hashlib.sha256(f.read()).hexdigest()
+    shapes = weight_shapes(model_dir)
+    weights = hashlib.sha256(json.dumps(sorted(shapes.items())).encode()).hexdigest()
+    return {"config_sha256": config, "weights_sha256": weights, "tensors": len(shapes)}
+
+
+def fingerprint_changes(recorded, model_dir):
+    """What differs between a recorded fingerprint and the folder now (empty: nothing, or nothing recorded)."""
+    if not recorded:
+        return []
+    now = base_fingerprint.__wrapped__(model_dir)  # read afresh, not the cached value
+    return [what for key, what in (("config_sha256", "its config.json"),
+                                   ("weights_sha256", "its weights' names or shapes")) if recorded.get(key) != now[key]]
 
 
 # ---- the output folder of a run -----------------------------------------------------------------------------------
@@ -179,7 +217,8 @@ def save_checkpoint(engine, method, args, tokenizer, progress, rank, world_size)
         tokenizer.save_pretrained(tmp)
         write_json_atomic(os.path.join(tmp, TRAINING_ARGS_FILE),
                           {"method": method.name, "optimizer": type(engine.optimizer).__name__,
-                           "world_size": world_size, **vars(args)})
+                           "world_size": world_size, **vars(args),
+                           "base_fingerprint": base_fingerprint(args.model_dir)})
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         with open(os.path.join(args.output_dir, "latest.tmp"), "w") as f:

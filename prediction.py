@@ -23,6 +23,7 @@ class PredictMethod:
     name = "method"
     title = "a method"
     checkpoint_is_model = False  # True: the checkpoint is a whole model folder, also the tokenizer's and family's
+    takes_model_folders = False  # True: a model folder without training_args.json (a base, an export) is taken too
 
     def add_arguments(self, parser):
         pass
@@ -73,9 +74,9 @@ def build_parser(method):
     return parser
 
 
-def resolve_checkpoint(path, method_name):
+def resolve_checkpoint(path, method_name, takes_model_folders=False):
     """The checkpoint folder a --model_dir names (a training output folder means its latest checkpoint), refused in
-    one line when it is a base model folder or another method's checkpoint."""
+    one line when it is a base model folder (unless the method takes those) or another method's checkpoint."""
     if not os.path.isdir(path):
         raise SystemExit(f"error: {path}: checkpoint folder not found (train first, or pass --model_dir)")
     folder = latest_checkpoint(path) or path
@@ -83,7 +84,7 @@ def resolve_checkpoint(path, method_name):
     if trained_by and trained_by != method_name:
         raise SystemExit(f"error: {folder} is a checkpoint of finetuning_{trained_by}.py; predict with it through "
                          f"predict_{trained_by}.py")
-    if not trained_by and looks_like_base_model(folder):
+    if not trained_by and not takes_model_folders and looks_like_base_model(folder):
         raise SystemExit(f"error: {folder} is a base model folder, not a checkpoint: pass the checkpoint (or the "
                          f"training --output_dir) as --model_dir, and this folder as --ori_model_dir if the "
                          "checkpoint does not name it")
@@ -265,7 +266,7 @@ def predict(method, args):
     from tqdm import tqdm
 
     from metrics import TASKS
-    checkpoint = resolve_checkpoint(args.model_dir, method.name)
+    checkpoint = resolve_checkpoint(args.model_dir, method.name, method.takes_model_folders)
     if method.checkpoint_is_model and args.ori_model_dir is None:
         args.ori_model_dir = checkpoint
     fill_defaults(args, saved_training_args(checkpoint))

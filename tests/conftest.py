@@ -1,3 +1,4 @@
+import json
 import os
 import signal
 import sys
@@ -186,3 +187,55 @@ def trained(tiny_model_dir, few_rows, tmp_path_factory):
                  "--dump_final_state", os.path.join(outputs[mode], "final_state.safetensors"))
                 for mode, (script, options) in MODES.items()])
     return outputs
+
+
+# Every method on the newer families (tests/test_families.py says which and why); also what tests/test_export.py
+# exports. THUDM's layouts run with `python`, the transformers-layout folders through the launcher.
+TRANSFORMERS_LAYOUT = ("glm4-hf", "glm4-0414")
+FAMILY_RUNS = [("chatglm3", mode) for mode in ("freeze", "pt2", "lora")] + [("chatglm2", "lora")] + \
+    [("glm4", mode) for mode in ("freeze", "pt2", "pt_embedding_only", "lora", "full")] + \
+    [("glm4-hf", mode) for mode in ("freeze", "pt2", "lora", "lora_int4", "full")] + \
+    [("glm4-0414", mode) for mode in ("freeze", "pt2", "pt_embedding_only", "lora", "lora_int4", "full")]
+CONVERSATION_FAMILIES = ("chatglm3", "glm4", "glm4-0414")
+
+
+def mode_options(mode):
+    """The training script and its options of a mode (MODES, or LoRA over an INT4 base)."""
+    if mode == "lora_int4":
+        script, options = MODES["lora"]
+        return script, [*options, "--quantization_bit", 4]
+    return MODES[mode.replace("_conversations", "")]
+
+
+@pytest.fixture(scope="session")
+def conversation_rows(few_rows, tmp_path_factory):
+    """The six rows as three two-turn ChatGLM3 conversations (system prompt, two questions, two answers)."""
+    with open(few_rows, encoding="utf-8") as f:
+        rows = [json.loads(line) for line in f]
+    chats = []
+    for a, b in zip(rows[0::2], rows[1::2]):
+        chats.append({"conversations": [
+            {"role": "system", "content": "抽取三元组"}, {"role": "user", "content": a["text"]},
+            {"role": "assistant", "content": a["answer"]}, {"role": "user", "content": b["text"]},
+            {"role": "assistant", "content": b["answer"]}]})
+    path = tmp_path_factory.mktemp("chats") / "chats.jsonl"
+    path.write_text("".join(json.dumps(c, ensure_ascii=False) + "\n" for c in chats), encoding="utf-8")
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def trained_families(family_model_dirs, few_rows, conversation_rows, tmp_path_factory):
+    runs = [(family, mode, few_rows, []) for family, mode in FAMILY_RUNS]
+    runs += [(family, "lora_conversations", conversation_rows, ["--train_batch_size", 3])
+             for family in CONVERSATION_FAMILIES]
+    folders, launches = [], []
+    for family, mode, rows, extra in runs:
+        script, options = mode_options(mode)
+        folders.append(str(tmp_path_factory.mktemp(f"{family}-{mode}")))
+        launches.append(((script, *memorise_args(family_model_dirs[family], rows, folders[-1], epochs=120),
+                          *options, *extra),  # P-Tuning v2 too: on these folders it learns the rows by step 120
+                         {"launcher": family in TRANSFORMERS_LAYOUT and mode != "lora_conversations"}))
+    results = launch_each(launches)
+    return {(family, mode): (out, result.stdout) for (family, mode, _, _), out, result in zip(runs, folders, results)}
+
+

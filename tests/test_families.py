@@ -14,65 +14,20 @@ import os
 import pytest
 import torch
 
-from conftest import MODES, launch_each, memorise_args, metrics_of, predict_in_process
+from conftest import CONVERSATION_FAMILIES, FAMILY_RUNS, TRANSFORMERS_LAYOUT, metrics_of, predict_in_process
 
 # Each run costs ~15 s of start-up (CI's time), so the older families run what they add: ChatGLM3 Freeze, P-Tuning
 # v2 and LoRA (embedding-only P-Tuning runs on GLM-4, the same model file), ChatGLM2 (ChatGLM3's model code, the
-# plain layout) LoRA. Full fine-tuning of ChatGLM-6B: test_finetuning.py, test_multi_rank.py
-TRANSFORMERS_LAYOUT = ("glm4-hf", "glm4-0414")
-RUNS = [("chatglm3", mode) for mode in ("freeze", "pt2", "lora")] + [("chatglm2", "lora")] + \
-    [("glm4", mode) for mode in ("freeze", "pt2", "pt_embedding_only", "lora", "full")] + \
-    [("glm4-hf", mode) for mode in ("freeze", "pt2", "lora", "lora_int4", "full")] + \
-    [("glm4-0414", mode) for mode in ("freeze", "pt2", "pt_embedding_only", "lora", "lora_int4", "full")]
+# plain layout) LoRA; every method on the transformers-layout folders. The runs: conftest.FAMILY_RUNS (trained once
+# a session: tests/test_export.py exports them). Full fine-tuning of ChatGLM-6B: test_finetuning.py,
+# test_multi_rank.py
+RUNS = FAMILY_RUNS
 PREDICT = {"freeze": "predict_freeze.py", "pt2": "predict_pt.py", "pt_embedding_only": "predict_pt.py",
            "lora": "predict_lora.py", "lora_int4": "predict_lora.py", "full": "predict_full.py"}
 TRAINED_PREFIX = {"freeze": "transformer.encoder.layers.1.", "pt2": "transformer.prefix_encoder.",
                   "pt_embedding_only": "transformer.prefix_encoder."}
 TRANSFORMERS_TRAINED_PREFIX = {"freeze": "model.layers.1.", "pt2": "model.prefix_encoder.",
                                "pt_embedding_only": "model.prefix_encoder."}
-CONVERSATION_FAMILIES = ("chatglm3", "glm4", "glm4-0414")
-
-
-def mode_options(mode):
-    """The training script and its options of a mode (MODES, or LoRA over an INT4 base)."""
-    if mode == "lora_int4":
-        script, options = MODES["lora"]
-        return script, [*options, "--quantization_bit", 4]
-    return MODES[mode.replace("_conversations", "")]
-
-
-@pytest.fixture(scope="module")
-def conversation_rows(few_rows, tmp_path_factory):
-    """The six rows as three two-turn ChatGLM3 conversations (system prompt, two questions, two answers)."""
-    with open(few_rows, encoding="utf-8") as f:
-        rows = [json.loads(line) for line in f]
-    chats = []
-    for a, b in zip(rows[0::2], rows[1::2]):
-        chats.append({"conversations": [
-            {"role": "system", "content": "抽取三元组"}, {"role": "user", "content": a["text"]},
-            {"role": "assistant", "content": a["answer"]}, {"role": "user", "content": b["text"]},
-            {"role": "assistant", "content": b["answer"]}]})
-    path = tmp_path_factory.mktemp("chats") / "chats.jsonl"
-    path.write_text("".join(json.dumps(c, ensure_ascii=False) + "\n" for c in chats), encoding="utf-8")
-    return str(path)
-
-
-@pytest.fixture(scope="module")
-def trained_families(family_model_dirs, few_rows, conversation_rows, tmp_path_factory):
-    runs = [(family, mode, few_rows, []) for family, mode in RUNS]
-    runs += [(family, "lora_conversations", conversation_rows, ["--train_batch_size", 3])
-             for family in CONVERSATION_FAMILIES]
-    folders, launches = [], []
-    for family, mode, rows, extra in runs:
-        script, options = mode_options(mode)
-        folders.append(str(tmp_path_factory.mktemp(f"{family}-{mode}")))
-        launches.append(((script, *memorise_args(family_model_dirs[family], rows, folders[-1], epochs=120),
-                          *options, *extra),  # P-Tuning v2 too: on these folders it learns the rows by step 120
-                         {"launcher": family in TRANSFORMERS_LAYOUT and mode != "lora_conversations"}))
-    results = launch_each(launches)
-    return {(family, mode): (out, result.stdout) for (family, mode, _, _), out, result in zip(runs, folders, results)}
-
-
 def read_metrics(out):
     return [r for r in metrics_of(out) if "loss" in r]
 

@@ -9,7 +9,8 @@ with `pre_seq_len` (and `prefix_projection`) from the checkpoint's config.json; 
 `pytorch_model.bin` holds the trained layers under the official names (`model.load_state_dict(state, strict=False)`);
 a LoRA checkpoint also gets `adapter_model.bin` for PEFT versions older than safetensors support. The tensors are
 the same, name for name, dtype for dtype; nothing in the checkpoint is changed or removed. With --output_dir the
-checkpoint folder is copied there first (without `ds_state/`, the optimizer state only --resume needs).
+checkpoint folder is copied there first, without what only --resume reads (`ds_state/`, the optimizer shards and
+random states).
 """
 import argparse
 import os
@@ -23,6 +24,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from checkpoints import latest_checkpoint  # noqa: E402
 
+# what only --resume reads (optimizer and random states: DeepSpeed's are pickles), never copied into an export
+RESUME_ONLY = ("ds_state", "rng_state_*", "optimizer_shard_*", "*.tmp")
 # safetensors file of our checkpoints -> the file THUDM's code (or an older PEFT) reads
 THUDM_NAMES = {"model.safetensors": "pytorch_model.bin", "adapter_model.safetensors": "adapter_model.bin"}
 
@@ -36,7 +39,7 @@ def export_checkpoint(model_dir, output_dir=None):
                          "finetuning_lora/pt/freeze.py")
     if output_dir:
         if os.path.abspath(output_dir) != os.path.abspath(folder):
-            shutil.copytree(folder, output_dir, dirs_exist_ok=True, ignore=shutil.ignore_patterns("ds_state", "rng_state_*"))
+            shutil.copytree(folder, output_dir, dirs_exist_ok=True, ignore=shutil.ignore_patterns(*RESUME_ONLY))
         folder = output_dir
     written = []
     for name in present:
