@@ -10,7 +10,10 @@ would not fit the disk), then:
 - `python predict_lora.py --model_dir <the LoRA run> --test_path TEST --device 0 --ignore_eos`: every row generates
   its 315 new tokens, whatever the random weights say; the generation's seconds (metrics.json) and the command's;
 - on the transformers-layout folders with `--peer`: bench/peer_trainer_peft.py (transformers Trainer + PEFT at
-  LLaMA-Factory's defaults) on the same rows.
+  LLaMA-Factory's defaults) on the same rows;
+- with `--export_on LAYOUT`: tools/export_model.py on the LoRA checkpoint (time, peak host memory), then
+  predict_full.py on the export, whose generations must equal predict_lora.py's;
+- with `--serve_on LAYOUT`: bench/serve_load_faults.py against serve.py on the LoRA checkpoint.
 
     python bench/bench_layouts.py --train_path bench/.data/spo/train.jsonl --test_path bench/.data/spo/test.jsonl \\
         --out $OUT --layouts glm4,glm4-hf,glm4-0414 --methods lora --peer glm4-hf --steps 100
@@ -102,6 +105,76 @@ def record(rows, row, out):
         f.write(json.dumps(row) + "\n")
 
 
+def peak_rss_run(command, log_path, timeout):
+    """(return code, seconds, peak resident memory of the process and its children in GiB), sampled every 0.2 s."""
+    import psutil
+    start, peak = time.time(), 0
+    with open(log_path, "w") as log:
+        process = subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+        watched = psutil.Process(process.pid)
+        while process.poll() is None and time.time() - start < timeout:
+            try:
+                peak = max(peak, sum(p.memory_info().rss for p in [watched, *watched.children(recursive=True)]))
+            except psutil.Error:
+                pass
+            time.sleep(0.2)
+        if process.poll() is None:
+            process.kill()
+        process.wait()
+    return process.returncode, round(time.time() - start, 1), round(peak / 2 ** 30, 2)
+
+
+def generations(folder):
+    with open(os.path.join(folder, "predictions.jsonl")) as f:
+        return [json.loads(line)["generated"] for line in f]
+
+
+def export_and_compare(layout, lora_out, args, work):
+    """tools/export_model.py on the LoRA checkpoint (time, peak host memory), then predict_full.py on the export:
+    the same generations as predict_lora.py gave on the checkpoint."""
+    out = os.path.join(work, f"{layout}-export")
+    dtype = ["--dtype", "fp32"] if args.tiny else []  # prediction on the CPU is fp32 (on a GPU bf16, as the base)
+    code, seconds, peak = peak_rss_run([sys.executable, os.path.join(ROOT, "tools", "export_model.py"), "--checkpoint",
+                                        lora_out, "--output_dir", out, *dtype], out + ".log", args.timeout)
+    row = {"layout": layout, "method": "tools/export_model.py (LoRA merged)", "returncode": code, "export_s": seconds,
+           "export_peak_host_gib": peak}
+    if code != 0:
+        with open(out + ".log", errors="replace") as f:
+            return {**row, "log_tail": f.read()[-1500:]}
+    row["export_gib"] = round(sum(os.path.getsize(os.path.join(out, n)) for n in os.listdir(out)) / 2 ** 30, 2)
+    predicted = os.path.join(work, f"{layout}-predict-export")
+    command = [sys.executable, os.path.join(ROOT, "predict_full.py"), "--model_dir", out, "--test_path",
+               args.test_path, "--output_dir", predicted, "--ignore_eos", "--device", "cpu" if args.tiny else "0"]
+    command_run(f"{layout} predict export", command, predicted, args.timeout)
+    try:
+        ours, theirs = generations(os.path.join(work, f"{layout}-predict")), generations(predicted)
+        row.update(same_generations=sum(a == b for a, b in zip(ours, theirs)), rows=len(ours))
+        with open(os.path.join(predicted, "metrics.json")) as f:
+            row["export_generation_s"] = json.load(f)["seconds"]
+    except (OSError, ValueError, KeyError) as err:
+        row["compare_error"] = str(err)
+    shutil.rmtree(out, ignore_errors=True)
+    return row
+
+
+def serve_load(layout, lora_out, args, work):
+    """bench/serve_load_faults.py against serve.py on the LoRA checkpoint: its table."""
+    table_path = os.path.join(work, f"{layout}-serve-load.md")
+    command = [sys.executable, os.path.join(ROOT, "bench", "serve_load_faults.py"), "--model_dir", lora_out,
+               "--clients", str(args.serve_clients), "--seconds", str(args.serve_seconds), "--max_tokens", "64",
+               "--out", table_path, "--serve_args", "--device", "cpu" if args.tiny else "0"]
+    run = command_run(f"{layout} serve load", command, os.path.join(work, f"{layout}-serve"), args.timeout)
+    row = {"layout": layout, "method": "bench/serve_load_faults.py", "returncode": run["process"].returncode,
+           "wall_s": round(run["end"] - run["start"], 1)}
+    try:
+        with open(table_path) as f:
+            row["table"] = f.read()
+    except OSError:
+        with open(os.path.join(work, f"{layout}-serve.log"), errors="replace") as f:
+            row["log_tail"] = f.read()[-1500:]
+    return row
+
+
 def table(rows):
     """ms/step: the steps alone (second half of the run, captures of new shapes taken out; the peer: its median
     step); with captures: the second half's wall time per step."""
@@ -125,6 +198,12 @@ def main():
     parser.add_argument("--methods", default="lora", help=f"comma-separated: {', '.join(METHODS)}")
     parser.add_argument("--peer", default="glm4-hf", help="layouts to run the peer on (comma-separated; '' none)")
     parser.add_argument("--no_predict", action="store_true")
+    parser.add_argument("--export_on", default="", help="layouts whose LoRA checkpoint is exported and predicted "
+                        "from (comma-separated)")
+    parser.add_argument("--serve_on", default="", help="layouts whose LoRA checkpoint is served under "
+                        "bench/serve_load_faults.py")
+    parser.add_argument("--serve_clients", type=int, default=16)
+    parser.add_argument("--serve_seconds", type=float, default=40)
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--timeout", type=int, default=400, help="seconds one command may take")
     parser.add_argument("--work", default="/tmp/bench_layouts")
@@ -148,6 +227,10 @@ def main():
             record(rows, predict(layout, lora_out, args, args.work), args.out)
         if layout in args.peer.split(","):
             record(rows, peer(layout, folder, args, args.work), args.out)
+        if lora_out and layout in args.export_on.split(","):
+            record(rows, export_and_compare(layout, lora_out, args, args.work), args.out)
+        if lora_out and layout in args.serve_on.split(","):
+            record(rows, serve_load(layout, lora_out, args, args.work), args.out)
         shutil.rmtree(folder)  # three 9B folders would not fit the disk
     with open(os.path.join(args.out, "table.md"), "w") as f:
         f.write(table(rows) + "\n")

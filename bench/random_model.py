@@ -103,4 +103,10 @@ def build_random_folder(folder, family, tiny=False, shard_bytes=4 << 30, seed=0)
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     with open(os.path.join(folder, "model.safetensors.index.json"), "w") as f:
         json.dump(index, f)
+    with open(os.path.join(folder, "config.json")) as f:
+        saved = json.load(f)
+    saved["torch_dtype"] = "bfloat16"  # the weights' type, as published folders say it
+    saved.pop("dtype", None)
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        json.dump(saved, f, indent=2)
     return folder

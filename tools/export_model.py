@@ -102,11 +102,13 @@ def check_output(output_dir, overwrite, needed_bytes):
 
 
 def export_dtype(arg, base):
+    """--dtype, else the base's own (its config.json's torch_dtype), fp16 where it names none."""
     if arg:
         return DTYPES[arg]
     with open(os.path.join(base, "config.json"), encoding="utf-8") as f:
         config = json.load(f)
-    return torch.bfloat16 if (config.get("torch_dtype") or config.get("dtype")) == "bfloat16" else torch.float16
+    named = {name: dtype for dtype, name in DTYPE_NAMES.items()}
+    return named.get(config.get("torch_dtype") or config.get("dtype"), torch.float16)
 
 
 def merged_model(checkpoint, saved, base, dtype):
@@ -322,7 +324,7 @@ def main(argv=None):
     parser.add_argument("--format", choices=["merged", "lora"], default="merged",
                         help="merged: a whole model folder; lora: the adapter alone (vLLM's --lora-modules form)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default=None,
-                        help="the weights' type (default: the base's, bf16 or fp16; fp32 for checks)")
+                        help="the weights' type (default: the base's own; fp32 for checks)")
     parser.add_argument("--quantization_bit", type=int, choices=[8, 4], default=None,
                         help="write THUDM's pre-quantized INT8/INT4 layout of the merged weights")
     parser.add_argument("--max_shard_size", default="4GB", help="largest safetensors file (e.g. 4GB, 500MB)")
