@@ -69,12 +69,12 @@ def has_roles(family):
 def task_prompt_ids(tokenizer, family, history, query, prompt_text, max_src_len, conversations=False):
     """The layout the suite trained on: prediction's prompt for a row with this text (or, for a model trained on
     ChatGLM3 conversations, the conversation so far)."""
-    from data_set import Row, encode_prompt
+    from data_set import Row, encode_prompt, text_row
     if conversations:
         turns = [turn for q, r in history for turn in (("user", q), ("assistant", r))]
         row = Row("", query, [""], 0, turns=turns + [("user", query), ("assistant", "")])
     else:
-        row = Row(prompt_text, query, [""], 0)
+        row = text_row(prompt_text, query, [""], 0)
     return encode_prompt(tokenizer, family, row, max_src_len)
 
 
@@ -141,11 +141,17 @@ def sampling_settings(args, family):
 
 def load_for_chat(args):
     """(model, tokenizer, family, training args or {}) for --model_dir: a base folder or any of our checkpoints."""
+    from checkpoints import CheckpointError, checked_checkpoint, trained_base
     from model_family import ModelFolderError, family_for, load_model, load_tokenizer
     if not os.path.isdir(args.model_dir):
         raise SystemExit(f"error: {args.model_dir}: folder not found")
     folder = latest_checkpoint(args.model_dir) or args.model_dir
-    saved = saved_training_args(folder)
+    try:
+        saved = saved_training_args(checked_checkpoint(folder))
+        base = None if not saved or checkpoint_loader(saved["method"]).checkpoint_is_model else \
+            trained_base(folder, saved, args.ori_model_dir)
+    except CheckpointError as err:
+        raise SystemExit(f"error: {err}") from None
     device = pick_device(args.device)
     dtype = pick_dtype(args.dtype, device)
     if args.quantization_bit is None:
@@ -160,7 +166,7 @@ def load_for_chat(args):
             base = folder
         else:
             loader = checkpoint_loader(saved["method"])
-            base = folder if loader.checkpoint_is_model else args.ori_model_dir or saved.get("model_dir")
+            base = folder if loader.checkpoint_is_model else base
             family = family_for(base, args.mode or saved.get("mode"))
             model = loader.load(base, folder, argparse.Namespace(
                 no_merge=False, quantization_bit=args.quantization_bit, quantization=args.quantization,

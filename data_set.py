@@ -61,6 +61,17 @@ class Row:
     line: int  # 1-based line (JSONL) or element index + 1 (JSON array)
     raw: dict = field(repr=False, default=None)
     turns: list = None  # conversation rows: [(role, content), ...]; None for single-turn rows
+    suffix: str = ""  # what follows the text (a --prompt_text with a {text} placeholder)
+
+
+TEXT_PLACEHOLDER = "{text}"
+
+
+def text_row(prompt_text, text, answers, line, raw=None):
+    """A text/answer row: `prompt_text` before the text, or around it where it holds the {text} placeholder (the
+    rest of the prompt is kept as it is: no other braces are read)."""
+    prompt, placeholder, suffix = prompt_text.partition(TEXT_PLACEHOLDER)
+    return Row(prompt, text, answers, line, raw, suffix=suffix if placeholder else "")
 
 
 CHAT_ROLES = ("system", "user", "assistant", "observation")
@@ -115,7 +126,14 @@ def make_row(obj, line, prompt_text, allow_empty_answer):
         asked = [content for role, content in turns[:last] if role == "user"]
         return Row("", asked[-1] if asked else "", [turns[last][1]], line, obj, turns)
     prompt, text, answers = parse_row(obj, prompt_text, allow_empty_answer)
-    return Row(prompt, text, answers, line, obj)
+    if "instruction" in obj:
+        return Row(prompt, text, answers, line, obj)
+    return text_row(prompt_text, text, answers, line, obj)
+
+
+def row_place(path, number, in_array):
+    """Where a row is, as an error names it: `file:line` in JSONL, `file: element N` in a JSON array."""
+    return f"{path}: element {number}" if in_array else f"{path}:{number}"
 
 
 def read_rows(path, prompt_text="", skip_bad=False, log=print, allow_empty_answer=False):
@@ -128,18 +146,21 @@ def read_rows(path, prompt_text="", skip_bad=False, log=print, allow_empty_answe
     except FileNotFoundError:
         raise DataError(f"{path}: file not found") from None
     try:
-        content = raw.decode("utf-8")
+        content = raw.decode("utf-8").removeprefix("\ufeff")  # a byte order mark (Windows Notepad) is not a row
     except UnicodeDecodeError as err:
         line = raw[:err.start].count(b"\n") + 1
         raise DataError(f"{path}:{line}: not UTF-8 text ({err.reason} at byte {err.start}); save the file as "
                         "UTF-8") from None
     if not content.strip():
         raise DataError(f"{path}: empty file, no rows")
-    if content.lstrip().startswith("["):
+    in_array = content.lstrip().startswith("[")
+    if in_array:
         try:
             items = [(i + 1, obj, None) for i, obj in enumerate(json.loads(content))]
         except json.JSONDecodeError as err:
             raise DataError(f"{path}:{err.lineno}: not valid JSON ({err.msg})") from None
+        except RecursionError:
+            raise DataError(f"{path}: JSON nested too deeply to be rows") from None
     else:
         items = []
         for number, line in enumerate(content.splitlines(), start=1):
@@ -148,6 +169,8 @@ def read_rows(path, prompt_text="", skip_bad=False, log=print, allow_empty_answe
                     items.append((number, json.loads(line), None))
                 except json.JSONDecodeError as err:
                     items.append((number, None, f"not valid JSON ({err.msg})"))
+                except RecursionError:
+                    items.append((number, None, "JSON nested too deeply to be a row"))
     rows, skipped = [], SkippedRows(path)
     for number, obj, error in items:
         if error is None:
@@ -157,7 +180,7 @@ def read_rows(path, prompt_text="", skip_bad=False, log=print, allow_empty_answe
                 error = str(err)
         if error is not None:
             if not skip_bad:
-                raise DataError(f"{path}:{number}: {error} (use --skip_bad_rows to skip such rows)")
+                raise DataError(f"{row_place(path, number, in_array)}: {error} (use --skip_bad_rows to skip such rows)")
             skipped.add(number, error)
     skipped.report(log, "bad row(s)")
     if not rows:
@@ -166,14 +189,17 @@ def read_rows(path, prompt_text="", skip_bad=False, log=print, allow_empty_answe
 
 
 def encode_source(tokenizer, row, max_src_len, path="data"):
-    """Prompt tokens + text tokens, the text cut so that both fit max_src_len. Returns (ids, was_truncated)."""
-    prompt_ids = tokenizer.encode(row.prompt, add_special_tokens=False) if row.prompt else []
-    if len(prompt_ids) >= max_src_len:
-        raise DataError(f"{path}:{row.line}: the prompt alone is {len(prompt_ids)} tokens, leaving no room for the "
-                        f"text within --max_src_len {max_src_len}; raise --max_src_len or shorten the prompt")
-    text_ids = tokenizer.encode(row.text, add_special_tokens=False) if row.text else []
-    room = max(max_src_len - len(prompt_ids), 0)
-    return prompt_ids + text_ids[:room], len(text_ids) > room
+    """Prompt tokens + text tokens (+ the prompt's part after a {text} placeholder), the text cut so that all fit
+    max_src_len. Returns (ids, was_truncated)."""
+    encode = lambda text: tokenizer.encode(text, add_special_tokens=False) if text else []  # noqa: E731
+    prompt_ids, suffix_ids = encode(row.prompt), encode(row.suffix)
+    if len(prompt_ids) + len(suffix_ids) >= max_src_len:
+        raise DataError(f"{path}:{row.line}: the prompt alone is {len(prompt_ids) + len(suffix_ids)} tokens, leaving "
+                        f"no room for the text within --max_src_len {max_src_len}; raise --max_src_len or shorten "
+                        "the prompt")
+    text_ids = encode(row.text)
+    room = max(max_src_len - len(prompt_ids) - len(suffix_ids), 0)
+    return prompt_ids + text_ids[:room] + suffix_ids, len(text_ids) > room
 
 
 def encode_turns(tokenizer, turns):

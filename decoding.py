@@ -117,16 +117,26 @@ def leading_keys(model):
     return model.leading_cache_slots
 
 
+def text_logits(logits, text_ids):
+    """logits [..., outputs] of the ids that stand for text only: those past the tokenizer's (a padded output layer:
+    ChatGLM2/3 have 65,024 outputs for 64,798 tokens) cut off, those before its text (ChatGLM-6B's 20,000 image
+    tokens, which decode to nothing) at -inf. `text_ids`: a range, or None for every output."""
+    if text_ids is None:
+        return logits
+    logits = logits[..., :text_ids.stop]
+    if text_ids.start:
+        logits = logits.index_fill(-1, torch.arange(text_ids.start, device=logits.device), float("-inf"))
+    return logits
+
+
 class StaticDecoder:
     """The state of one batch's decoding: static input, cache and output buffers, and the step on them."""
 
-    def __init__(self, model, input_ids, attention_mask, max_new_tokens, vocab_size=None):
+    def __init__(self, model, input_ids, attention_mask, max_new_tokens, text_ids=None):
         batch, seq = input_ids.shape
         device = input_ids.device
         self.model, self.prompt_ids, self.attention_mask = model, input_ids, attention_mask
-        # the output layer may have more rows than the tokenizer has tokens (ChatGLM2/3: 65,024 for 64,798); ids no
-        # token stands for are never chosen
-        self.vocab_size = vocab_size
+        self.text_ids = text_ids  # only ids that stand for text are chosen (text_logits)
         self.prompt_lengths = attention_mask.sum(dim=1)
         self.cache = StaticKVCache(leading_keys(model) + seq + max_new_tokens, self.prompt_lengths,
                                    leading_keys(model))
@@ -152,7 +162,7 @@ class StaticDecoder:
             logits = self.model(input_ids=self.prompt_ids[index, seq - width:],
                                 attention_mask=self.attention_mask[index, seq - width:],
                                 past_key_values=self.cache, use_cache=True, logits_to_keep=1).logits[:, -1]
-            self.tokens[index] = logits[:, :self.vocab_size].argmax(-1, keepdim=True)
+            self.tokens[index] = text_logits(logits, self.text_ids).argmax(-1, keepdim=True)
         self.cache.start_decoding()
         self.generated[:, :1].copy_(self.tokens)
 
@@ -161,7 +171,7 @@ class StaticDecoder:
         number of visible cache slots)."""
         positions = self.model.decode_position_ids(self.prompt_ids, self.attention_mask, self.step_index)
         logits = self.model.decode_step(self.tokens, positions, self.cache)
-        self.tokens.copy_(logits[:, :self.vocab_size].argmax(-1, keepdim=True))
+        self.tokens.copy_(text_logits(logits, self.text_ids).argmax(-1, keepdim=True))
         self.step_index += 1
         self.cache.next_slot += 1
         self.generated.index_copy_(1, self.step_index, self.tokens)
@@ -178,16 +188,16 @@ class SlotDecoder:
     model's `decode_position_ids` at steps 0 and 1 give a start and an increment (both model files' positions grow
     linearly with the step). `logits` keeps the last step's logits [slots, vocab] for the rows that sample."""
 
-    def __init__(self, model, slots, capacity, vocab_size):
+    def __init__(self, model, slots, capacity, text_ids):
         device = next(model.parameters()).device
-        self.model, self.slots, self.vocab_size = model, slots, vocab_size
+        self.model, self.slots, self.text_ids = model, slots, text_ids
         self.leading = leading_keys(model)
         self.cache = StaticKVCache(self.leading + capacity, torch.zeros(slots, dtype=torch.long, device=device),
                                    self.leading)
         self.cache.next_slot = torch.zeros(slots, dtype=torch.long, device=device)
         self.live = torch.zeros(slots, dtype=torch.long, device=device)  # an empty row stays on its slot 0: reads 1 key
         self.tokens = torch.zeros(slots, 1, dtype=torch.long, device=device)
-        self.logits = torch.zeros(slots, vocab_size, device=device)
+        self.logits = torch.zeros(slots, text_ids.stop, device=device)
         self.steps = torch.zeros(slots, dtype=torch.long, device=device)
         self.start_positions = self.position_increments = None  # shaped by the first admission
         self.graphs = CapturedSteps(self.step) if device.type == "cuda" else None
@@ -214,7 +224,8 @@ class SlotDecoder:
         cache.decoding = False
         try:
             logits = self.model(input_ids=ids, attention_mask=mask, past_key_values=cache, use_cache=True,
-                                logits_to_keep=1).logits[:, -1, :self.vocab_size].float()
+                                logits_to_keep=1).logits[:, -1]
+            logits = text_logits(logits, self.text_ids).float()
         finally:
             cache.decoding, cache.prompt_rows, cache.prompt_slots = True, None, None
         cache.next_slot[index] = self.leading + lengths
@@ -239,7 +250,7 @@ class SlotDecoder:
         """One decode step for every slot: shapes and memory never change (for a given number of visible slots)."""
         steps = self.steps.view(-1, *[1] * (self.start_positions.dim() - 1))
         positions = self.start_positions + self.position_increments * steps
-        logits = self.model.decode_step(self.tokens, positions, self.cache)[:, :self.vocab_size]
+        logits = text_logits(self.model.decode_step(self.tokens, positions, self.cache), self.text_ids)
         self.logits.copy_(logits)
         self.tokens.copy_(logits.argmax(-1, keepdim=True))
         self.steps += 1
@@ -260,15 +271,15 @@ def finished(generated, done_steps, stop_ids):
 
 @torch.no_grad()
 def greedy_decode(model, input_ids, attention_mask, max_new_tokens, stop_ids, cuda_graph=None, check_every=16,
-                  bucket=64, prefill_rows=13, vocab_size=None):
+                  bucket=64, prefill_rows=13, text_ids=None):
     """New tokens [batch, <= max_new_tokens] of greedy decoding for a left-padded batch (not cut at the stop
     tokens; the caller does that). `cuda_graph` defaults to True on a GPU: one graph for every step with flash
     attention, else one per `bucket` cache slots.
     The prompts go through `prefill_rows` at a time, by length (13: four groups for the 50 spo test rows).
-    `vocab_size`: the tokenizer's; ids at or above it (a padded output layer's extra rows) are never chosen."""
+    `text_ids`: the ids that may be chosen (text_logits)."""
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
-    decoder = StaticDecoder(model, input_ids, attention_mask, max_new_tokens, vocab_size)
+    decoder = StaticDecoder(model, input_ids, attention_mask, max_new_tokens, text_ids)
     decoder.prefill(prefill_rows)
     cuda_graph = input_ids.is_cuda if cuda_graph is None else cuda_graph
     graphs = CapturedSteps(decoder.step) if cuda_graph else None

@@ -23,6 +23,10 @@ class Freeze(Method):
         parser.add_argument("--freeze_module_name", default=None,
                             help="comma-separated parameter-name fragments to train instead, e.g. layers.27.,layers.26.")
 
+    def check_options(self, args):
+        if not args.freeze_module_name and args.num_trainable_layers < 1:
+            raise SystemExit(f"error: --num_trainable_layers {args.num_trainable_layers}: at least 1 layer trains")
+
     def check_arguments(self, args, family, config):
         layers = family.num_layers(config)
         if not args.freeze_module_name and not 0 < args.num_trainable_layers <= layers:

@@ -20,6 +20,11 @@ class LoRA(Method):
         parser.add_argument("--lora_target", default=None,
                             help="comma-separated module names to adapt (default: the model family's, query_key_value)")
 
+    def check_options(self, args):
+        if args.lora_r < 1 or args.lora_alpha <= 0 or not 0 <= args.lora_dropout < 1:
+            raise SystemExit(f"error: --lora_r {args.lora_r} --lora_alpha {args.lora_alpha} --lora_dropout "
+                             f"{args.lora_dropout}: the rank must be at least 1, alpha above 0, dropout within [0, 1)")
+
     def prepare(self, model, args, family):
         from peft import LoraConfig, get_peft_model
         config = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,

@@ -27,6 +27,11 @@ class PTuning(Method):
                             help="soft prompt embeddings at the input only (P-Tuning v1), not per-layer keys/values")
         parser.add_argument("--prefix_dropout", type=float, default=0.1, help="dropout on the prompt while training")
 
+    def check_options(self, args):
+        if args.pre_seq_len < 1 or not 0 <= args.prefix_dropout < 1:
+            raise SystemExit(f"error: --pre_seq_len {args.pre_seq_len} --prefix_dropout {args.prefix_dropout}: at "
+                             "least 1 virtual token, dropout within [0, 1)")
+
     def config_overrides(self, args):
         return {"pre_seq_len": args.pre_seq_len, "prefix_projection": args.prefix_projection,
                 "prompt_embedding_only": args.prompt_embedding_only, "prefix_dropout": args.prefix_dropout}

@@ -10,6 +10,7 @@ GLM-4-0414; modeling_glm4.py). Every family has every method and feature. Adding
 Loading checks the folder first and fails with one line that names the path and what is wrong.
 """
 import json
+import logging
 import os
 from dataclasses import dataclass, field
 from typing import Callable
@@ -18,6 +19,7 @@ import torch
 from transformers import PreTrainedTokenizerFast
 
 from configuration_chatglm import ChatGLMConfig
+from folders import ModelFolderError, read_config_json  # noqa: F401 (both are this seam's, too)
 from configuration_chatglm2 import ChatGLMConfig as ChatGLM2Config
 from modeling_chatglm import ChatGLMForConditionalGeneration
 from modeling_chatglm import packed_row_inputs as chatglm6b_packed_row_inputs
@@ -28,9 +30,9 @@ from tokenization_chatglm import ChatGLMTokenizer
 from tokenization_chatglm2 import ChatGLMTokenizer as ChatGLM2Tokenizer
 from tokenization_glm4 import ChatGLM4Tokenizer
 
-
-class ModelFolderError(ValueError):
-    """A model folder that cannot be used; the message names the path."""
+# bitsandbytes (imported by PEFT, later) warns on every start, on CPUs with AVX-512 bf16, that an optional kernel
+# package is not installed; nothing here uses that kernel
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 
 @dataclass(frozen=True)
@@ -295,19 +297,6 @@ GLM4_0414 = transformers_layout_family("glm4-0414", "glm4", Glm4ForCausalLM, Glm
 FAMILIES = {f.name: f for f in [CHATGLM6B, CHATGLM2, CHATGLM3, GLM4, GLM4_HF, GLM4_0414]}
 SERVED = ("served: ChatGLM-6B, ChatGLM2-6B, ChatGLM3-6B and GLM-4-9B in THUDM's layout (model_type chatglm), "
           "glm-4-9b-chat-hf (glm: GlmForCausalLM), GLM-4-0414 (glm4: Glm4ForCausalLM)")
-
-
-def read_config_json(model_dir):
-    if not os.path.isdir(model_dir):
-        raise ModelFolderError(f"{model_dir}: model folder not found")
-    path = os.path.join(model_dir, "config.json")
-    if not os.path.isfile(path):
-        raise ModelFolderError(f"{path}: missing; a model folder holds config.json, the tokenizer and the weights")
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except json.JSONDecodeError as err:
-        raise ModelFolderError(f"{path}: not valid JSON ({err})") from None
 
 
 def family_for(model_dir, mode=None):

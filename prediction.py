@@ -12,8 +12,9 @@ import time
 
 import torch
 
-from checkpoints import latest_checkpoint, saved_training_args
-from training import DEFAULT_PROMPT
+from checkpoints import CheckpointError, OutputFolderLock, checked_checkpoint, latest_checkpoint, saved_training_args, \
+    trained_base
+from training_options import DEFAULT_PROMPT
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 PARTIAL_FILE = "predictions.partial.jsonl"  # each batch's tokens as soon as they exist; removed when all are written
@@ -80,7 +81,10 @@ def resolve_checkpoint(path, method_name, takes_model_folders=False):
     if not os.path.isdir(path):
         raise SystemExit(f"error: {path}: checkpoint folder not found (train first, or pass --model_dir)")
     folder = latest_checkpoint(path) or path
-    trained_by = saved_training_args(folder).get("method")
+    try:
+        trained_by = saved_training_args(checked_checkpoint(folder)).get("method")
+    except CheckpointError as err:
+        raise SystemExit(f"error: {err}") from None
     if trained_by and trained_by != method_name:
         raise SystemExit(f"error: {folder} is a checkpoint of finetuning_{trained_by}.py; predict with it through "
                          f"predict_{trained_by}.py")
@@ -105,17 +109,17 @@ def looks_like_base_model(folder):
         return False
 
 
-def fill_defaults(args, saved):
+def fill_defaults(args, saved, checkpoint):
     """Unset arguments take the training run's values, then the reference defaults."""
     fallback = {"max_len": 768, "max_src_len": 450, "prompt_text": DEFAULT_PROMPT, "mode": None, "task": "triple",
                 "quantization_bit": None, "quantization": None}
     for key, value in fallback.items():
         if getattr(args, key) is None:
             setattr(args, key, saved.get(key, value))
-    if args.ori_model_dir is None:
-        args.ori_model_dir = saved.get("model_dir")
-        if args.ori_model_dir is None:
-            raise SystemExit("error: --ori_model_dir is needed: the checkpoint does not say which base model it has")
+    try:
+        args.ori_model_dir = trained_base(checkpoint, saved, args.ori_model_dir)
+    except CheckpointError as err:
+        raise SystemExit(f"error: {err}") from None
     if args.max_new_tokens is None:
         args.max_new_tokens = args.max_len - args.max_src_len - 3
         if args.max_new_tokens < 1:
@@ -171,7 +175,7 @@ def generate(model, tokenizer, prompts, max_new_tokens, batch_size, device, stop
         input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
         if decoder == "static":
             new = greedy_decode(model, input_ids, attention_mask, max_new_tokens, stop_ids,
-                                vocab_size=token_count(tokenizer))
+                                text_ids=text_ids(tokenizer))
         else:
             # no stop tokens (--ignore_eos): every row runs to max_new_tokens
             new = model.generate(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens,
@@ -193,10 +197,17 @@ def token_count(tokenizer):
     return max(tokenizer.vocab_size, len(tokenizer))
 
 
+def text_ids(tokenizer):
+    """The ids generation may choose: the tokenizer's, without ChatGLM-6B's image tokens (ids 0 .. 19,999, which
+    decode to nothing: a real ChatGLM-6B never writes them in a text answer, an undertrained one can write nothing
+    else) and without a padded output layer's extra ids (decoding.text_logits)."""
+    return range(getattr(tokenizer, "num_image_tokens", 0), token_count(tokenizer))
+
+
 def ids_without_token(model, tokenizer):
-    """Output ids beyond the tokenizer's (a padded vocabulary: ChatGLM2/3 have 65,024 outputs for 64,798 tokens)."""
-    outputs = model.get_output_embeddings().weight.shape[0]
-    return list(range(token_count(tokenizer), outputs)) or None
+    """Output ids generate() must never choose: those outside text_ids (image tokens, a padded vocabulary's rest)."""
+    outputs, allowed = model.get_output_embeddings().weight.shape[0], text_ids(tokenizer)
+    return list(range(allowed.start)) + list(range(allowed.stop, outputs)) or None
 
 
 def auto_batch_size(model, prompts, max_new_tokens, device, rows_on_cpu=16):
@@ -225,6 +236,16 @@ def warn_if_task_looks_wrong(task, rows):
               "subject_relation_object); use --task classification or generation for other data")
 
 
+def warn_if_mostly_empty(generated, new_tokens):
+    """Half the answers or more empty: said, since the score alone (0) does not say why."""
+    empty = [i for i, text in enumerate(generated) if not text.strip()]
+    if len(empty) * 2 >= len(generated) > 0:
+        produced = sum(len(new_tokens[i]) for i in empty)
+        print(f"warning: {len(empty)} of {len(generated)} predictions are empty ({produced:,} tokens generated for "
+              "them decode to no text): the model has not learned the answers' form yet (train longer, check "
+              "--prompt_text and the data), or a stop token comes first", flush=True)
+
+
 def write_outputs(output_dir, rows, generated, scores, summary):
     os.makedirs(output_dir, exist_ok=True)
     with open(os.path.join(output_dir, "predictions.jsonl"), "w", encoding="utf-8") as f:
@@ -237,7 +258,12 @@ def write_outputs(output_dir, rows, generated, scores, summary):
 
 
 def main(method, argv=None):
+    import signal
     args = build_parser(method).parse_args(argv)
+    # Ctrl-C and `kill -INT` stop a prediction (started in the background, it inherits SIGINT ignored), and so does
+    # SIGTERM: the rows generated so far stay in the partial file
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, lambda signum, frame: signal.default_int_handler(signum, frame))
     try:
         return predict(method, args)
     except KeyboardInterrupt:
@@ -269,14 +295,14 @@ def predict(method, args):
     checkpoint = resolve_checkpoint(args.model_dir, method.name, method.takes_model_folders)
     if method.checkpoint_is_model and args.ori_model_dir is None:
         args.ori_model_dir = checkpoint
-    fill_defaults(args, saved_training_args(checkpoint))
+    fill_defaults(args, saved_training_args(checkpoint), checkpoint)
     device = pick_device(args.device)
     dtype = pick_dtype(args.dtype, device)
     family, tokenizer, rows, prompts, model = load_for_prediction(method, args, checkpoint, device, dtype)
     warn_if_task_looks_wrong(args.task, rows)
     batch_size = args.batch_size or auto_batch_size(model, prompts, args.max_new_tokens, device)
     output_dir = args.output_dir or checkpoint
-    os.makedirs(output_dir, exist_ok=True)
+    lock = OutputFolderLock(output_dir, "a prediction", "--output_dir")  # noqa: F841 (held until the end)
     partial_path = os.path.join(output_dir, PARTIAL_FILE)
     start = time.time()
     with tqdm(total=len(rows), desc=f"predict (batches of {batch_size})", unit="row") as bar:
@@ -287,6 +313,7 @@ def predict(method, args):
         new_tokens, todo, fresh = generate_keeping_partial(partial_path, rows, args.resume, generate_rows, bar)
     seconds = max(time.time() - start, 1e-9)
     generated = [family.answer_text(tokenizer.decode(t, skip_special_tokens=True)) for t in new_tokens]
+    warn_if_mostly_empty(generated, new_tokens)
     scores, summary = TASKS[args.task](generated, [row.answers for row in rows])
     summary = {"task": args.task, **{k: round(v, 6) for k, v in summary.items()}, "rows": len(rows),
                "generated_rows": len(todo), "seconds": round(seconds, 3), "rows_per_s": round(len(todo) / seconds, 3),

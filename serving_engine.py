@@ -19,6 +19,8 @@ import time
 
 import torch
 
+from decoding import text_logits
+
 
 class QueueFull(Exception):
     """More requests are waiting than --max_queue allows."""
@@ -192,11 +194,11 @@ class Cohort:
     """Long requests that start together: one left-padded prompt forward, then one step per token for all of them
     on transformers' cache (the model's generate() inputs)."""
 
-    def __init__(self, model, requests, pad_id, vocab_size):
+    def __init__(self, model, requests, pad_id, text_ids):
         from transformers import DynamicCache
 
         from prediction import left_pad
-        self.model, self.requests, self.vocab_size = model, requests, vocab_size
+        self.model, self.requests, self.text_ids = model, requests, text_ids
         device = next(model.parameters()).device
         ids, mask = left_pad([r.prompt_ids for r in requests], pad_id)
         self.ids, self.mask = ids.to(device), mask.to(device)
@@ -210,7 +212,7 @@ class Cohort:
         """One forward for the whole cohort; each live request gets its next token. Returns False when all ended."""
         inputs = self.model.prepare_inputs_for_generation(self.ids, past_key_values=self.cache,
                                                           attention_mask=self.mask, use_cache=True)
-        logits = self.model(**inputs).logits[:, -1, :self.vocab_size]
+        logits = text_logits(self.model(**inputs).logits[:, -1], self.text_ids)
         live = [i for i, on in enumerate(self.live) if on]
         going_on = deliver([self.requests[i] for i in live], lambda: logits[live], logits[live].argmax(-1).tolist())
         tokens = torch.zeros(len(self.requests), dtype=torch.long)
@@ -234,10 +236,10 @@ class Engine:
     """The thread that admits waiting requests and steps them (see the module's docstring)."""
 
     def __init__(self, model, tokenizer, max_batch=16, max_queue=64, slot_tokens=2048, gather_s=0.005, log=print):
-        from prediction import token_count
+        from prediction import text_ids
         self.model, self.tokenizer, self.max_batch, self.max_queue = model, tokenizer, max_batch, max_queue
         self.gather_s, self.log = gather_s, log
-        self.vocab_size = token_count(tokenizer)  # a padded output layer's extra ids are never chosen
+        self.text_ids = text_ids(tokenizer)  # ids that stand for no text are never chosen
         self.slots = Slots(self.slot_decoder(max_batch, slot_tokens))
         self.waiting, self.pending, self.cohorts = queue.Queue(), [], []
         self.queued = 0  # submitted and not yet generating (or ended while waiting)
@@ -257,7 +259,7 @@ class Engine:
             slots = max(1, min(max_batch, int(0.5 * free // per_slot)))
         self.log(f"continuous batching: {slots} rows of {slot_tokens} tokens ({slots * per_slot / 2 ** 30:.2f} GiB "
                  f"of cache)")
-        return SlotDecoder(self.model, slots, slot_tokens, self.vocab_size)
+        return SlotDecoder(self.model, slots, slot_tokens, self.text_ids)
 
     # -- what the HTTP side sees --
 
@@ -328,7 +330,7 @@ class Engine:
         if to_cohort:
             self.cohorts_started += 1
             self.start(lambda: self.cohorts.append(Cohort(self.model, to_cohort, self.tokenizer.pad_token_id,
-                                                          self.vocab_size)), to_cohort)
+                                                          self.text_ids)), to_cohort)
 
     def start(self, begin, requests):
         """A prompt forward; its failure (out of memory, say) ends just these requests."""

@@ -33,7 +33,7 @@ import bench_gpu  # noqa: E402
 
 def lora_engine():
     from model_family import FAMILIES
-    from training import build_engine, compile_blocks, setup_distributed
+    from training_engine import build_engine, compile_blocks, setup_distributed
     import finetuning_lora
     _, _, device = setup_distributed()
     torch.manual_seed(0)

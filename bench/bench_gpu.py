@@ -262,7 +262,7 @@ def run_training_variant(method, gradient_checkpointing, reference, steps, warmu
                          profile_kernels=False, find_host_waits=False, memory_at_peak=False):
     from model_family import FAMILIES
     from data_set import labelled_positions
-    from training import build_engine, compile_blocks, enable_checkpointing, setup_distributed
+    from training_engine import build_engine, compile_blocks, enable_checkpointing, setup_distributed
     spec = METHODS[method]
     _, _, device = setup_distributed()
     torch.manual_seed(0)
@@ -652,7 +652,7 @@ def markdown_table(report):
 
 
 def main():
-    from training import CHECKPOINTING_KINDS
+    from training_options import CHECKPOINTING_KINDS
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--all", action="store_true", help="every variant and prediction; writes --out")
     parser.add_argument("--variant", choices=list(METHODS), help="one training variant")
@@ -719,7 +719,7 @@ def main():
     global MEMORY_LIMIT_GIB, NUM_LAYERS
     MEMORY_LIMIT_GIB = args.memory_limit_gib
     NUM_LAYERS = args.num_layers
-    from training import TRAINING_CUBLAS_WORKSPACE, choose_allocator
+    from training_options import TRAINING_CUBLAS_WORKSPACE, choose_allocator
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", TRAINING_CUBLAS_WORKSPACE)  # as the training scripts run
     choose_allocator(SimpleNamespace(quantization_bit=args.quantization_bit, quantization=args.quantization,
                                      model_dir="random"))

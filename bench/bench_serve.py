@@ -73,7 +73,7 @@ def main():
     parser.add_argument("--new_tokens", type=int, default=315)
     parser.add_argument("--tiny", action="store_true", help="a 6-layer model: checks the script, measures nothing")
     parser.add_argument("--port", type=int, default=8931)
-    parser.add_argument("--gather_busy_s", type=float, default=None, help="serve.Engine's window while it is busy")
+    parser.add_argument("--gather_s", type=float, default=None, help="serving_engine.Engine's gathering window")
     parser.add_argument("--client_mode", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.client_mode:
@@ -90,7 +90,7 @@ def main():
     from model_family import CHATGLM2, load_tokenizer
     from prediction import left_pad
     from tools.make_tiny_model import build_tiny_model
-    from training import DEFAULT_PROMPT
+    from training_options import DEFAULT_PROMPT
     bench_gpu.TINY, bench_gpu.FAMILY = args.tiny, "chatglm2"
     folder = build_tiny_model(tempfile.mkdtemp(), num_layers=1, hidden_size=64, num_attention_heads=4,
                               inner_hidden_size=128, family="chatglm2")
@@ -99,12 +99,14 @@ def main():
     model = bench_gpu.build_model(config, torch.bfloat16 if torch.cuda.is_available() else torch.float32).eval()
     rows = read_rows(os.path.join(ROOT, "data", "spo_test.jsonl"), DEFAULT_PROMPT)
     options = argparse.Namespace(format="task", prompt_text=None, max_src_len=None, system=None,
-                                 max_new_tokens=args.new_tokens, max_batch=64, slot_tokens=1024)
+                                 max_new_tokens=args.new_tokens, max_batch=64, slot_tokens=1024, max_queue=256,
+                                 host="127.0.0.1", api_key=None, allowed_origins=[], max_body_bytes=1 << 22,
+                                 request_timeout=0, temperature=None, top_p=None, top_k=0)
     server = serve.Server(model, tokenizer, CHATGLM2, options, {"prompt_text": DEFAULT_PROMPT, "max_src_len": 450},
                           "bench")
     server.stop_ids = []  # every answer exactly --new_tokens long
-    if args.gather_busy_s is not None:
-        server.engine.gather_busy_s = args.gather_busy_s
+    if args.gather_s is not None:
+        server.engine.gather_s = args.gather_s
     threading.Thread(target=uvicorn.run, args=(serve.create_app(server),),
                      kwargs=dict(host="127.0.0.1", port=args.port, log_level="warning"), daemon=True).start()
     base = f"http://127.0.0.1:{args.port}"

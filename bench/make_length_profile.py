@@ -19,7 +19,7 @@ sys.path.insert(0, ROOT)
 from data_set import Seq2SeqDataset, encode_source, read_rows  # noqa: E402
 from model_family import CHATGLM6B  # noqa: E402
 from tokenization_chatglm import ChatGLMTokenizer, train_sentencepiece_model  # noqa: E402
-from training import DEFAULT_PROMPT  # noqa: E402
+from training_options import DEFAULT_PROMPT  # noqa: E402
 
 
 def main():

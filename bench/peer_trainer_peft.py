@@ -27,7 +27,7 @@ sys.path.insert(0, ROOT)
 def training_rows(model_dir, train_path, max_len, max_src_len):
     from data_set import Seq2SeqDataset
     from model_family import family_for, load_tokenizer
-    from training import DEFAULT_PROMPT
+    from training_options import DEFAULT_PROMPT
     family = family_for(model_dir)
     tokenizer = load_tokenizer(model_dir, family)
     rows = Seq2SeqDataset(train_path, tokenizer, family, max_len, max_src_len, DEFAULT_PROMPT, True, lambda *a: None)

@@ -46,7 +46,7 @@ def training(method, compiled):
     from types import SimpleNamespace
 
     from model_family import CHATGLM6B
-    from training import build_engine, setup_distributed
+    from training_engine import build_engine, setup_distributed
     _, _, device = setup_distributed()
     spec = METHODS[method]
     config = official_config()
@@ -56,7 +56,7 @@ def training(method, compiled):
                            offload=False, ds_config=None, precision="bf16", model_dir="random", **spec["extra"])
     model = getattr(__import__(spec["module"]), spec["cls"])().prepare(model, args, CHATGLM6B)
     if compiled:
-        from training import compile_blocks
+        from training_engine import compile_blocks
         compile_blocks(model)
     batches = [{k: v.to(device) for k, v in b.items() if k in ("input_ids", "labels")}
                for b in make_batches(load_profile(), config, 16)]
@@ -146,7 +146,7 @@ def optimizer_step(method, zero_stage, zero_extra):
     from types import SimpleNamespace
 
     from model_family import CHATGLM6B
-    from training import build_engine, setup_distributed
+    from training_engine import build_engine, setup_distributed
     _, _, device = setup_distributed()
     spec = METHODS[method]
     model = build_model(official_config(), torch.bfloat16).train()
@@ -155,7 +155,7 @@ def optimizer_step(method, zero_stage, zero_extra):
                            offload=False, ds_config=None, precision="bf16", model_dir="random", **spec["extra"])
     model = getattr(__import__(spec["module"]), spec["cls"])().prepare(model, args, CHATGLM6B)
     if zero_extra:
-        import training
+        import training_engine as training
         plain = training.deepspeed_config
 
         def with_extra(a, world_size):

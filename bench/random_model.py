@@ -32,7 +32,7 @@ def config_and_tokenizer(folder, family, tiny):
     """Write the family's tokenizer into `folder`; return its config at the published (or tiny) size."""
     from tools.make_tiny_model import (DEFAULT_TEXT, NATIVE_CLASSES, native_config, native_glm4_tokenizer,
                                        texts_from, tokenizer_and_config)
-    from training import DEFAULT_PROMPT
+    from training_options import DEFAULT_PROMPT
     layers, hidden, heads, inner, vocab = SHAPES[family]
     if tiny:
         layers, hidden, heads, inner = TINY

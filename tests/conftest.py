@@ -64,7 +64,7 @@ def remove_shared_memory_buffers(port):
     scripts remove their own as they end, but a killed run cannot, and with a new port per launch a test run would
     fill the machine's memory (/dev/shm is RAM)."""
     import glob
-    from training import CPU_COMM_BUFFER_PREFIX
+    from training_engine import CPU_COMM_BUFFER_PREFIX
     found = glob.glob(f"{CPU_COMM_BUFFER_PREFIX}*_{port}_*")
     for path in found:
         try:

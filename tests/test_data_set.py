@@ -65,7 +65,7 @@ def test_batches_pad_to_their_own_longest_row():
     ('{"text": "a", "answer": "  "}\n', "x.jsonl:1: empty answer"),
     ('{"foo": 1}\n', "x.jsonl:1: row has neither text/answer nor instruction/input/output"),
     ("\n\n", "x.jsonl: empty file"),
-    ('[1, 2]', "x.jsonl:1: expected a JSON object"),
+    ('[1, 2]', "x.jsonl: element 1: expected a JSON object"),  # a JSON array: its element, not a line
 ])
 def test_bad_rows_name_file_and_line(tmp_path, content, message):
     with pytest.raises(DataError, match=message):

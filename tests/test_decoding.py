@@ -40,7 +40,7 @@ def slot_decode(model, prompts, joins, new_tokens, slots):
     """serve.py's continuous batching: at each step the live rows decode one token, then prompt i enters a free slot
     at step joins[i] (its first token from its prompt's forward); a row with `new_tokens` tokens frees its slot."""
     vocab = getattr(model.config, "padded_vocab_size", None) or model.config.vocab_size
-    decoder = SlotDecoder(model, slots, capacity=64, vocab_size=vocab)
+    decoder = SlotDecoder(model, slots, capacity=64, text_ids=range(vocab))
     owner, answers = [None] * slots, [[] for _ in prompts]
 
     def take(row):

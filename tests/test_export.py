@@ -182,6 +182,8 @@ def test_bad_input_is_one_line_and_leaves_nothing(trained, trained_families, tmp
     shutil.copytree(lora, copy)
     saved = json.loads((copy / "training_args.json").read_text())
     (copy / "training_args.json").write_text(json.dumps({**saved, "model_dir": str(tmp_path / "gone")}))
+    from checkpoints import write_manifest
+    write_manifest(str(copy))  # an edit of ours, not damage
     assert "--ori_model_dir" in one_line_error(capsys, "--checkpoint", copy, "--output_dir", tmp_path / "c")
     changed = tmp_path / "changed-base"
     shutil.copytree(saved["model_dir"], changed)

@@ -155,7 +155,7 @@ def test_resuming_with_another_optimizer_is_a_clear_error(resumed_runs):
     result = results[-1]
     assert result.returncode != 0
     output = result.stdout + result.stderr
-    assert "was written with zero_stage 1 (now 2), optimizer MasterWeightAdamW" in output
+    assert "was written with other settings: --zero_stage 1 (now 2); --optimizer MasterWeightAdamW" in output
     assert "trainable parameters" not in output  # refused before the model loaded
     assert os.path.isdir(os.path.join(out, "checkpoint-4"))  # nothing lost
 
@@ -226,4 +226,4 @@ def test_bad_input_stops_with_one_line(tiny_model_dir, tmp_path, content, messag
 
 def test_missing_model_folder_is_named(tmp_path):
     result = launch("finetuning_lora.py", "--model_dir", tmp_path / "nowhere", launcher=False, check=False)
-    assert result.returncode != 0 and f"error: {tmp_path}/nowhere: model folder not found" in result.stderr
+    assert result.returncode != 0 and f"error: --model_dir: {tmp_path}/nowhere: model folder not found" in result.stderr

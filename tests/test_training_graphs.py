@@ -4,7 +4,7 @@ import torch
 
 from data_set import PackRows, PadToLongest, labelled_positions
 from model_family import family_for, load_model, load_tokenizer
-from training import enable_checkpointing
+from training_engine import enable_checkpointing
 
 
 def rows_for(folder, texts_and_answers):

@@ -8,8 +8,9 @@ import torch
 import pytest
 
 from conftest import ROOT
-from training import (COMPILE_PAYS_FROM, check_finite, deepspeed_config, resolve_compile, resolve_cuda_graphs,
-                      resolve_pack_rows, schedule_length)
+from training import check_finite, schedule_length
+from training_engine import deepspeed_config
+from training_options import COMPILE_PAYS_FROM, resolve_compile, resolve_cuda_graphs, resolve_pack_rows
 
 
 @pytest.mark.parametrize("value", [float("nan"), float("inf")])
@@ -145,7 +146,7 @@ def test_training_runs_take_a_small_cublas_workspace_unless_the_user_chose_one(m
     ({"quantization_bit": 4}, "max_split_size_mb:128", "max_split_size_mb:128"),  # the user's value wins
 ])
 def test_quantized_bases_get_growing_allocator_segments(tiny_model_dir, monkeypatch, options, preset, expected):
-    from training import choose_allocator
+    from training_options import choose_allocator
     if preset is None:
         monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF", raising=False)
     else:
@@ -165,7 +166,7 @@ def test_quantized_bases_get_growing_allocator_segments(tiny_model_dir, monkeypa
 ])
 def test_quantized_bases_recompute_mlps_and_attention_by_default_on_a_gpu(tiny_model_dir, device, options, expected):
     """The small cards' default: INT4 LoRA at 5.5 GiB within 1.5x of bf16 (H200, bench/results/README.md)."""
-    from training import resolve_gradient_checkpointing
+    from training_options import resolve_gradient_checkpointing
     run = argparse.Namespace(**{"quantization_bit": None, "quantization": None, "model_dir": tiny_model_dir,
                                 "pack_rows": True, "gradient_checkpointing": None, **options})
     assert resolve_gradient_checkpointing(run, torch.device(device)) == expected

@@ -22,7 +22,7 @@ from safetensors.torch import load_file
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from checkpoints import latest_checkpoint  # noqa: E402
+from checkpoints import CheckpointError, checked_checkpoint, latest_checkpoint  # noqa: E402
 
 # what only --resume reads (optimizer and random states: DeepSpeed's are pickles), never copied into an export
 RESUME_ONLY = ("ds_state", "rng_state_*", "optimizer_shard_*", "*.tmp")
@@ -33,6 +33,10 @@ THUDM_NAMES = {"model.safetensors": "pytorch_model.bin", "adapter_model.safetens
 def export_checkpoint(model_dir, output_dir=None):
     """Write the .bin form of each trained-weights file of a checkpoint; returns the paths written."""
     folder = latest_checkpoint(model_dir) or model_dir
+    try:
+        checked_checkpoint(folder)
+    except CheckpointError as err:
+        raise SystemExit(f"error: {err}") from None
     present = [name for name in THUDM_NAMES if os.path.isfile(os.path.join(folder, name))]
     if not present:
         raise SystemExit(f"error: {folder}: no model.safetensors or adapter_model.safetensors; not a checkpoint of "

@@ -36,7 +36,8 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from checkpoints import fingerprint_changes, latest_checkpoint, saved_training_args, weight_shapes  # noqa: E402
+from checkpoints import (CheckpointError, checked_checkpoint, fingerprint_changes, latest_checkpoint,  # noqa: E402
+                         saved_training_args, trained_base, weight_shapes)
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 DTYPE_NAMES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}
@@ -67,7 +68,10 @@ def inputs_of(checkpoint_arg, base_arg):
     if not os.path.isdir(checkpoint_arg):
         raise ExportError(f"{checkpoint_arg}: checkpoint folder not found")
     checkpoint = latest_checkpoint(checkpoint_arg) or checkpoint_arg
-    saved = saved_training_args(checkpoint)
+    try:
+        saved = saved_training_args(checked_checkpoint(checkpoint))
+    except CheckpointError as err:
+        raise ExportError(str(err)) from None
     method = saved.get("method")
     if method is None:
         raise ExportError(f"{checkpoint}: no training_args.json; not a checkpoint of the finetuning scripts")
@@ -75,10 +79,10 @@ def inputs_of(checkpoint_arg, base_arg):
         raise ExportError(f"{checkpoint}: a P-Tuning checkpoint cannot be merged into the weights (its prefix is "
                           "per-layer keys and values, not a change of any weight): predict_pt.py, chat.py and "
                           "serve.py load it as it is; tools/export_checkpoint.py writes THUDM's P-Tuning v2 form")
-    base = base_arg or saved.get("model_dir")
-    if not base or not os.path.isdir(base):
-        raise ExportError(f"the base model folder {base!r} that {checkpoint} was trained on is not there; "
-                          "pass --ori_model_dir")
+    try:
+        base = trained_base(checkpoint, saved, base_arg)
+    except CheckpointError as err:
+        raise ExportError(str(err)) from None
     changed = fingerprint_changes(saved.get("base_fingerprint"), base)
     if changed:
         raise ExportError(f"{base}: not the base {checkpoint} was trained on ({' and '.join(changed)} changed since); "
@@ -223,6 +227,8 @@ def write_readme(folder, checkpoint, saved, base, what):
 
 
 def replace_folder(tmp, output_dir):
+    from folders import readable_by_others
+    readable_by_others(tmp)
     if os.path.exists(output_dir):
         shutil.rmtree(output_dir)
     os.replace(tmp, output_dir)

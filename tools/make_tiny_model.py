@@ -199,7 +199,7 @@ def build_tiny_model(output_dir, num_layers=4, hidden_size=128, num_attention_he
     if family not in FAMILIES:
         raise ValueError(f"unknown family {family!r}; one of {', '.join(FAMILIES)}")
     os.makedirs(output_dir, exist_ok=True)
-    from training import DEFAULT_PROMPT  # the default task instruction is text the tokenizer should know
+    from training_options import DEFAULT_PROMPT  # the default task instruction is text the tokenizer should know
     texts = texts_from(list(text)) + [DEFAULT_PROMPT] * 10
     if family in NATIVE_CLASSES:
         return build_native_tiny_model(output_dir, family, texts, num_layers, hidden_size, num_attention_heads,

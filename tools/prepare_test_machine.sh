@@ -13,11 +13,15 @@ for buffer in /dev/shm/deepspeed_allreduce_buffer_*; do
     fi
 done
 
+# DeepSpeed's compiled ops live in a folder of this Python environment's (folders.use_own_extension_builds), as the
+# scripts set it: the build below fills the one the tests use
+export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$(cd "$(dirname "$0")/.." && python3 folders.py)}"
+
 # torch's JIT build lock is a bare file (no process holds it open): one left by a killed compile makes every later
 # DeepSpeed launch wait on it for ever. A build runs ninja from start to end of its compile, so with no ninja
 # running, every lock is garbage (CI once lost 15 minutes to one two minutes old)
 if ! pgrep -x ninja > /dev/null; then
-    find "${TORCH_EXTENSIONS_DIR:-$HOME/.cache/torch_extensions}" -name lock -print -delete 2>/dev/null |
+    find "$TORCH_EXTENSIONS_DIR" -name lock -print -delete 2>/dev/null |
         sed 's/^/removed a stale build lock: /'
 fi
 

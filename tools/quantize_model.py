@@ -17,6 +17,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from folders import readable_by_others  # noqa: E402
 from model_family import ModelFolderError, family_for, folder_quantization_bit, load_model  # noqa: E402
 
 WEIGHT_FILES = ("pytorch_model", "model.safetensors", "model-0")
@@ -40,6 +41,7 @@ def quantize_folder(model_dir, bits, output_dir, device=None):
             shutil.copy(path, tmp)
     model.config.torch_dtype = "float16"
     model.to("cpu").save_pretrained(tmp, safe_serialization=True)
+    readable_by_others(tmp)
     if os.path.isdir(output_dir):
         os.rmdir(output_dir)
     os.replace(tmp, output_dir)
