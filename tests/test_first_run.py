@@ -358,3 +358,122 @@ def test_prediction_batch_fits_the_free_gpu_memory(tiny_model_dir, monkeypatch):
     assert auto_batch_size(model, prompts, 300, torch.device("cuda")) == 10
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (10 ** 12, 0))
     assert auto_batch_size(model, prompts, 300, torch.device("cuda")) == 50
+
+
+# ---- the first hour, second look (issue 31) --------------------------------------------------------------------
+
+def test_a_wrong_model_folder_is_said_before_deepspeed_is_imported(few_rows, tmp_path):
+    """The check needs no DeepSpeed: with a DeepSpeed that cannot be imported the error is still the folder's (before,
+    the CPU communication op was built first: `model folder not found` came after 169 s)."""
+    fake = tmp_path / "fake" / "deepspeed"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("raise ImportError('imported too early')\n")
+    env = dict(os.environ, PYTHONPATH=str(tmp_path / "fake"))
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "finetuning_lora.py"), "--model_dir",
+                             str(tmp_path / "nowhere"), "--train_path", few_rows], cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=120)
+    one_line_error(result, "nowhere: model folder not found")
+    assert "imported too early" not in result.stderr
+
+
+def test_deepspeeds_ops_are_built_per_python_environment(monkeypatch):
+    import folders
+    monkeypatch.delenv("TORCH_EXTENSIONS_DIR", raising=False)
+    first = folders.use_own_extension_builds()
+    monkeypatch.delenv("TORCH_EXTENSIONS_DIR")
+    monkeypatch.setattr(sys, "prefix", "/another/venv")
+    assert folders.use_own_extension_builds() != first
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", "/chosen")
+    assert folders.use_own_extension_builds() == "/chosen"  # the user's choice wins
+
+
+def test_a_second_training_on_the_launchers_default_port_is_one_line(tiny_model_dir, few_rows, tmp_path):
+    """Another run holds --master_port: said in one line with the fix, not an EADDRINUSE traceback minutes later."""
+    import socket
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen(1)
+        port = held.getsockname()[1]
+        result = subprocess.run(["deepspeed", "--num_gpus", "1", "--master_port", str(port),
+                                 os.path.join(ROOT, "finetuning_lora.py"), "--model_dir", tiny_model_dir,
+                                 "--train_path", few_rows, "--output_dir", str(tmp_path / "out")], cwd=ROOT,
+                                env=dict(os.environ, DS_ACCELERATOR="cpu"), capture_output=True, text=True,
+                                timeout=300)
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert result.returncode != 0 and len(errors) == 1, result.stderr[-3000:]
+    assert f"port {port}" in errors[0] and f"--master_port {port + 1}" in errors[0]
+
+
+def test_chatglm6b_image_tokens_are_never_generated(untied_model_dir):
+    """Ids below num_image_tokens decode to nothing; a random (or undertrained) model writes little else."""
+    from decoding import greedy_decode
+    from model_family import load_model, load_tokenizer
+    from prediction import ids_without_token, text_ids
+    model, tokenizer = load_model(untied_model_dir).eval(), load_tokenizer(untied_model_dir)
+    ids = torch.tensor([tokenizer.encode("发动机异响")])
+    with torch.no_grad():
+        free = greedy_decode(model, ids, torch.ones_like(ids), 30, [])
+        text_only = greedy_decode(model, ids, torch.ones_like(ids), 30, [], text_ids=text_ids(tokenizer))
+    assert (free < tokenizer.num_image_tokens).any()  # without the range, image tokens come out
+    assert (text_only >= tokenizer.num_image_tokens).all()
+    assert set(range(tokenizer.num_image_tokens)) <= set(ids_without_token(model, tokenizer))
+
+
+def test_mostly_empty_predictions_are_said(capsys):
+    from prediction import warn_if_mostly_empty
+    warn_if_mostly_empty(["", "", "a"], [[5, 6], [7], [8]])
+    assert "2 of 3 predictions are empty (3 tokens generated for them decode to no text)" in capsys.readouterr().out
+    warn_if_mostly_empty(["a", "", "b"], [[1], [2], [3]])
+    assert capsys.readouterr().out == ""
+
+
+def test_help_gives_each_default_once_and_explains_the_main_options():
+    import finetuning_lora
+    from training_options import build_parser
+    import re
+    text = build_parser(finetuning_lora.LoRA()).format_help()
+    flat = " ".join(text.split())
+    assert "(default: None)" not in flat and not re.search(r"default[^()]*\) \(default:", flat)
+    for words in ("--output_dir OUTPUT_DIR where the checkpoints", "(default: output_dir_lora)",
+                  "--num_train_epochs NUM_TRAIN_EPOCHS passes over the training rows (default: 5)",
+                  "the peak learning rate", "(default: 0.0001 for LoRA", "overrides --num_train_epochs",
+                  "a {text} in it marks where the text goes"):
+        assert words in flat, words
+
+
+def test_max_steps_sets_the_runs_length_as_in_transformers_trainer():
+    import argparse
+
+    from training import epochs_to_run, schedule_length
+
+    class Sampler:
+        def __len__(self):
+            return 12
+    args = argparse.Namespace(train_batch_size=2, gradient_accumulation_steps=1, num_train_epochs=1, max_steps=20,
+                              train_path="rows")
+    assert schedule_length(args, Sampler()) == (6, 20)  # beyond one epoch of 6 steps
+    assert epochs_to_run(args, 6) == 4
+
+
+def test_no_bitsandbytes_kernel_warning_on_a_cpu_run(weightless_model_dir, few_rows, tmp_path):
+    result = train_before_loading(weightless_model_dir, few_rows, tmp_path / "out", "--lora_r", 0)
+    assert "gemm_4bit_forward" not in result.stdout + result.stderr
+
+
+def test_a_byte_order_mark_is_not_a_bad_row(tmp_path):
+    from data_set import read_rows
+    path = tmp_path / "notepad.jsonl"
+    path.write_bytes('\ufeff{"text": "发动机异响", "answer": "发动机_部件故障_异响"}\n'.encode("utf-8"))
+    assert read_rows(str(path))[0].text == "发动机异响"
+
+
+def test_a_text_placeholder_puts_the_text_inside_the_prompt(tiny_model_dir):
+    from data_set import encode_source, text_row
+    from model_family import load_tokenizer
+    tokenizer = load_tokenizer(tiny_model_dir)
+    encode = lambda text: tokenizer.encode(text, add_special_tokens=False)  # noqa: E731
+    ids, cut = encode_source(tokenizer, text_row("文本：{text}。请抽取三元组", "发动机异响" * 20, [""], 1), 15)
+    assert ids[:len(encode("文本："))] == encode("文本：") and ids[-len(encode("。请抽取三元组")):] == encode("。请抽取三元组")
+    assert cut and len(ids) == 15  # the text was cut, the prompt's end kept
+    plain, _ = encode_source(tokenizer, text_row("抽取：", "异响", [""], 1), 30)
+    assert plain == encode("抽取：") + encode("异响")
