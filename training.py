@@ -29,7 +29,8 @@ from checkpoints import (CheckpointError, OutputFolderLock, SaveFailed, check_ou
                          clear_output_dir, latest_checkpoint, remove_stale_temporary_folders, resume_from_checkpoint,
                          save_checkpoint, saved_training_args)
 from training_engine import (DTYPES, build_engine, compile_blocks, count_parameters, describe_optimizer,  # noqa: E402
-                             enable_checkpointing, seed_everything, setup_distributed, stop_with_launcher)
+                             enable_checkpointing, lost_another_process, seed_everything, setup_distributed,
+                             stop_with_launcher)
 from training_options import (DEFAULT_PROMPT, TRAINING_CUBLAS_WORKSPACE, build_parser, check_options,  # noqa: E402
                               choose_allocator, own_optimizer, resolve_compile, resolve_cuda_graphs,
                               resolve_gradient_checkpointing, resolve_pack_rows, resolve_precision)
@@ -419,12 +420,13 @@ def claim_output_dir(args, method, rank, world_size):
 _output_lock = None
 
 
-def check_work_left(folder, total_steps):
+def check_work_left(folder, total_steps, rank):
     """--resume of a run that has taken all its steps: nothing to do, said in one line (exit 0)."""
     done = (saved_training_args(folder).get("progress") or {}).get("step", 0)
     if done >= total_steps:
-        print(f"nothing to do: {folder} finished all {total_steps} steps of this run; raise --num_train_epochs or "
-              "--max_steps with --resume_with_changes to train on, or start a new run", flush=True)
+        if rank == 0:
+                print(f"nothing to do: {folder} finished all {total_steps} steps of this run; raise --num_train_epochs "
+                  "or --max_steps with --resume_with_changes to train on, or start a new run", flush=True)
         raise SystemExit(0)
 
 
@@ -445,8 +447,6 @@ def report_interrupted(args, rank):
 def main(method, argv=None):
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", TRAINING_CUBLAS_WORKSPACE)
     args = build_parser(method).parse_args(argv)
-    check_options(args, method)  # values and paths: seconds after the command
-    args.model_dir, args.train_path = os.path.abspath(args.model_dir), os.path.abspath(args.train_path)
     rank, world_size = launch_rank()
     try:
         return run(method, args, rank, world_size)
@@ -454,9 +454,19 @@ def main(method, argv=None):
         report_interrupted(args, rank)
 
 
-def run(method, args, rank, world_size):
+class RunStart:
+    """What the start-up checks found: the checkpoint to resume (and the changes accepted), the data, the length."""
+
+    def __init__(self, **parts):
+        self.__dict__.update(parts)
+
+
+def check_and_read(method, args, rank, world_size):
+    """Everything before DeepSpeed: options and paths (seconds after the command), the output folder and what
+    --resume needs, the tokenizer and the data. Each failure is a SystemExit with one line."""
     from data_set import EpochSampler
-    stop_with_launcher()
+    check_options(args, method)
+    args.model_dir, args.train_path = os.path.abspath(args.model_dir), os.path.abspath(args.train_path)
     choose_allocator(args)
     args.precision = resolve_precision(args)
     resume_folder, changes = claim_output_dir(args, method, rank, world_size)
@@ -468,16 +478,27 @@ def run(method, args, rank, world_size):
                            args.group_by_length)
     _, total_steps = schedule_length(args, sampler)
     if resume_folder:
-        check_work_left(resume_folder, total_steps)
+        check_work_left(resume_folder, total_steps, rank)
+    return RunStart(resume_folder=resume_folder, changes=changes, family=family, tokenizer=tokenizer,
+                    train_set=train_set, eval_loader=eval_loader, sampler=sampler, total_steps=total_steps)
+
+
+def run(method, args, rank, world_size):
+    stop_with_launcher()
+    try:
+        start, problem = check_and_read(method, args, rank, world_size), None
+    except SystemExit as stop:  # told to the other processes first (a data file missing on one node, say)
+        start, problem = None, stop
     mark_startup("checks and data")
-    rank, world_size, device = setup_distributed()
+    rank, world_size, device = setup_distributed(problem)
     torch.distributed.barrier()  # rank 0 holds the folder and has cleared it before anyone writes
+    resume_folder, changes, family, tokenizer = start.resume_folder, start.changes, start.family, start.tokenizer
     mark_startup("distributed set-up")
     args.pack_rows = resolve_pack_rows(args, device)
     args.cuda_graphs = resolve_cuda_graphs(args, device)
     if args.pad_to_multiple_of is None:
         args.pad_to_multiple_of = 64 if device.type == "cuda" else 0
-    args.compile = resolve_compile(args, device, total_steps)
+    args.compile = resolve_compile(args, device, start.total_steps)
     args.gradient_checkpointing = resolve_gradient_checkpointing(args, device)
     model = load_base_model(args, method, family, device)
     mark_startup("weights")
@@ -488,7 +509,7 @@ def run(method, args, rank, world_size):
     trainable, total = count_parameters(model)
     if rank == 0:
         print(f"{method.name}: trainable parameters {trainable:,} / {total:,} ({100 * trainable / total:.4f}%)")
-    engine = build_engine(model, args, world_size, device, total_steps)
+    engine = build_engine(model, args, world_size, device, start.total_steps)
     mark_startup("DeepSpeed")
     if rank == 0:
         print(f"{describe_optimizer(engine, args)}, {args.precision}; batches: "
@@ -503,8 +524,16 @@ def run(method, args, rank, world_size):
         mark_startup("resume")
         if rank == 0:
             print(f"resumed from {resume_folder} at step {progress['step']}")
-    last_loss = train(engine, method, family, args, tokenizer, train_set, eval_loader, sampler, device, rank,
-                      world_size, progress)
+    try:
+        last_loss = train(engine, method, family, args, tokenizer, start.train_set, start.eval_loader, start.sampler,
+                          device, rank, world_size, progress)
+    except Exception as err:  # noqa: BLE001 (re-raised unless it is another process's end)
+        if world_size > 1 and lost_another_process(err):
+            latest = latest_checkpoint(args.output_dir)
+            raise SystemExit(f"error: another process of this run is gone ({str(err).splitlines()[0][:120]}); "
+                             f"stopping. The latest complete checkpoint is {latest or 'none yet'}: run the same "
+                             "command with --resume on every node") from None
+        raise
     if rank == 0:
         print(f"done: {progress['step']} steps, last loss {last_loss:.4f}; checkpoint {latest_checkpoint(args.output_dir)}")
         if args.dump_final_state:

@@ -18,22 +18,34 @@ from training_options import RECOMPUTE_MLP_KINDS, own_optimizer
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
-def setup_distributed():
-    """Start torch.distributed through DeepSpeed; a plain `python` launch becomes a one-process group."""
+def setup_distributed(problem=None):
+    """Start torch.distributed through DeepSpeed; a plain `python` launch becomes a one-process group. `problem`: the
+    SystemExit this process's start-up checks raised, if any: under the launcher it is first told to the other
+    processes (roll_call), so that they stop with it instead of waiting for this one."""
+    from datetime import timedelta
+
     from folders import use_own_extension_builds
     use_own_extension_builds()
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     if "RANK" not in os.environ:
+        if problem is not None:
+            raise problem
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    elif os.environ["RANK"] == "0":
+    rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    if rank == 0:
         check_master_port(os.environ.get("MASTER_ADDR", "127.0.0.1"), int(os.environ.get("MASTER_PORT", 29500)))
     import deepspeed
     from deepspeed.accelerator import get_accelerator
-    deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name(), verbose=False)
+    backend = get_accelerator().communication_backend_name()
+    if world_size > 1:  # the process group is built on the roll call's store
+        store = roll_call(rank, world_size, problem)
+        torch.distributed.init_process_group(backend, store=store, rank=rank, world_size=world_size,
+                                             timeout=timedelta(minutes=PROCESS_GROUP_TIMEOUT_MIN))
+    deepspeed.init_distributed(dist_backend=backend, verbose=False)
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     device = torch.device(get_accelerator().device_name(local_rank))
     if device.type == "cuda":
@@ -54,6 +66,60 @@ def remove_cpu_comm_buffer(rank):
         os.remove(path)
     except OSError:
         pass
+
+
+# Minutes a collective may wait for the other processes (DeepSpeed's default: 10); a process that died is seen at
+# once on the CPU (its sockets close), on GPUs by NCCL's watchdog
+PROCESS_GROUP_TIMEOUT_MIN = 30
+# Seconds the processes of a run wait for each other's start-up checks (a tokenizer and the data: seconds)
+ROLL_CALL_S = 300
+
+
+def roll_call(rank, world_size, problem):
+    """Every process says whether its start-up checks passed, through a TCP store at MASTER_ADDR:MASTER_PORT (rank 0
+    serves it; the process group is then built on it): one that failed (a data file missing on its node, say) stops
+    them all at once, each with one line naming it, where they would otherwise wait for it until a timeout."""
+    from datetime import timedelta
+    store = torch.distributed.TCPStore(os.environ.get("MASTER_ADDR", "127.0.0.1"),
+                                       int(os.environ.get("MASTER_PORT", 29500)), world_size, rank == 0,
+                                       timedelta(seconds=ROLL_CALL_S), wait_for_workers=False)
+    here = f"rank {rank} on node {os.environ.get('CROSS_RANK', 0)} ({socket.gethostname()})"
+    store.set(f"roll_call/{rank}", "ok" if problem is None else f"{here}: {stop_message(problem)}")
+    statuses, deadline = {}, time.time() + ROLL_CALL_S
+    while len(statuses) < world_size and time.time() < deadline:
+        for other in range(world_size):
+            if other not in statuses and store.check([f"roll_call/{other}"]):
+                statuses[other] = store.get(f"roll_call/{other}").decode()
+        if any(status != "ok" for status in statuses.values()):
+            break
+        time.sleep(0.1)
+    failures = [status for status in statuses.values() if status != "ok"]
+    missing = sorted(set(range(world_size)) - set(statuses))
+    if problem is None and not failures and not missing:
+        return store
+    store.set(f"roll_call_seen/{rank}", "1")
+    if rank == 0:  # the store lives in this process: it stays until the others have read why they stop
+        while time.time() < deadline and not store.check([f"roll_call_seen/{r}" for r in statuses]):
+            time.sleep(0.1)
+    if problem is not None:
+        raise problem
+    if failures:
+        raise SystemExit(f"error: {failures[0]}; this process ({here}) stops with it")
+    raise SystemExit(f"error: rank{'s' if len(missing) > 1 else ''} {', '.join(map(str, missing))} did not start "
+                     f"within {ROLL_CALL_S} s (check the other nodes' commands and their output); {here} stops")
+
+
+def stop_message(stop):
+    text = stop.code if isinstance(stop.code, str) else f"stopped (exit code {stop.code})"
+    return text.removeprefix("error: ")
+
+
+def lost_another_process(err):
+    """Whether an exception from a collective means another process of the run is gone (its node died or was
+    stopped), rather than a fault of this process's own."""
+    text = str(err)
+    return isinstance(err, getattr(torch.distributed, "DistError", ())) or \
+        any(sign in text for sign in ("Connection closed by peer", "Connection reset by peer", "gloo", "NCCL"))
 
 
 def check_master_port(address, port):

@@ -86,7 +86,7 @@ def test_two_ranks_in_bf16_follow_one_rank_and_resume_exactly(tiny_model_dir, tm
     assert "optimizer: MasterWeightAdamW" in results[0].stdout
     assert all("optimizer: DataParallelAdamW" in r.stdout for r in results[1:])
     assert sorted(n for n in os.listdir(os.path.join(pieces, "checkpoint-2")) if n.startswith("optimizer_shard")) == \
-        ["optimizer_shard_0.pt", "optimizer_shard_1.pt"]
+        ["optimizer_shard_0.safetensors", "optimizer_shard_1.safetensors"]
     launch(*args(pieces, 2, "--resume"), ranks=2)
     reference, two, resumed = logged_losses(one), logged_losses(whole), logged_losses(pieces)
     assert len(two) == len(resumed) == STEPS
