@@ -152,8 +152,8 @@ def weight_shapes(model_dir):
     """{tensor name: shape} of a model folder's weights, read from the safetensors headers (or, for .bin files,
     memory-mapped without unpickling anything but tensors)."""
     import glob
-    shapes = {}
-    for path in sorted(glob.glob(os.path.join(model_dir, "*.safetensors"))):
+    shapes = {}  # the weights' files only: a checkpoint folder also holds our state in safetensors
+    for path in sorted(glob.glob(os.path.join(model_dir, "model*.safetensors"))):
         from safetensors import safe_open
         with safe_open(path, "pt") as f:
             shapes.update({name: list(f.get_slice(name).get_shape()) for name in f.keys()})

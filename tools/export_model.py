@@ -176,7 +176,7 @@ def write_shards(state, names, folder, max_shard_bytes):
 def base_tensors(base, names):
     """Tensors the base folder holds that the model does not (THUDM's stored rotary frequencies)."""
     found = {}
-    for path in sorted(glob.glob(os.path.join(base, "*.safetensors"))):
+    for path in sorted(glob.glob(os.path.join(base, "model*.safetensors"))):
         from safetensors import safe_open
         with safe_open(path, "pt") as f:
             found.update({n: f.get_tensor(n) for n in f.keys() if n in names})
