@@ -36,6 +36,8 @@ def setup_distributed(problem=None):
             port = s.getsockname()[1]
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    if problem is not None and world_size == 1:  # nobody else to tell
+        raise problem
     if rank == 0:
         check_master_port(os.environ.get("MASTER_ADDR", "127.0.0.1"), int(os.environ.get("MASTER_PORT", 29500)))
     import deepspeed
