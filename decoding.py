@@ -117,6 +117,17 @@ def leading_keys(model):
     return model.leading_cache_slots
 
 
+def left_pad(prompts, pad_id):
+    """Token lists as one left-padded batch: (input_ids, attention_mask), each [rows, longest]."""
+    width = max(len(p) for p in prompts)
+    input_ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        input_ids[i, width - len(p):] = torch.tensor(p)
+        attention_mask[i, width - len(p):] = 1
+    return input_ids, attention_mask
+
+
 def text_logits(logits, text_ids):
     """logits [..., outputs] of the ids that stand for text only: those past the tokenizer's (a padded output layer:
     ChatGLM2/3 have 65,024 outputs for 64,798 tokens) cut off, those before its text (ChatGLM-6B's 20,000 image
@@ -213,7 +224,6 @@ class SlotDecoder:
 
     def admit(self, rows, prompts):
         """Run `prompts` (lists of ids) into the free slots `rows`; returns their next-token logits [n, vocab]."""
-        from prediction import left_pad
         device = self.tokens.device
         ids, mask = (t.to(device) for t in left_pad(prompts, 0))
         index = torch.tensor(rows, device=device)

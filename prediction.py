@@ -147,16 +147,6 @@ def pick_dtype(dtype_arg, device):
     return torch.float32
 
 
-def left_pad(prompts, pad_id):
-    width = max(len(p) for p in prompts)
-    input_ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(prompts), width), dtype=torch.long)
-    for i, p in enumerate(prompts):
-        input_ids[i, width - len(p):] = torch.tensor(p)
-        attention_mask[i, width - len(p):] = 1
-    return input_ids, attention_mask
-
-
 @torch.no_grad()
 def generate(model, tokenizer, prompts, max_new_tokens, batch_size, device, stop_ids, progress=None,
              decoder="static", on_batch=None):
@@ -166,7 +156,7 @@ def generate(model, tokenizer, prompts, max_new_tokens, batch_size, device, stop
     `decoder`: "static" (decoding.py: preallocated cache, the step a CUDA graph on a GPU) or "generate"
     (transformers' generate); both give the same tokens. `on_batch(indices, tokens)` sees each batch when done.
     """
-    from decoding import greedy_decode
+    from decoding import greedy_decode, left_pad
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
     results = [None] * len(prompts)
     for start in range(0, len(order), batch_size):

@@ -197,7 +197,7 @@ class Cohort:
     def __init__(self, model, requests, pad_id, text_ids):
         from transformers import DynamicCache
 
-        from prediction import left_pad
+        from decoding import left_pad
         self.model, self.requests, self.text_ids = model, requests, text_ids
         device = next(model.parameters()).device
         ids, mask = left_pad([r.prompt_ids for r in requests], pad_id)

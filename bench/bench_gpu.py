@@ -458,7 +458,7 @@ def make_prompts(profile, config, rows=50):
 def timed_generate(model, prompts, batch_size, new_tokens, pad_id, decoder, prefill_rows=13, decode_bucket=64):
     """Seconds to generate exactly `new_tokens` per prompt (no stop token), `batch_size` rows at a time."""
     from decoding import greedy_decode
-    from prediction import left_pad
+    from decoding import left_pad
     device = head_of(model).weight.device
     sync()
     start = time.perf_counter()

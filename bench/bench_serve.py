@@ -88,7 +88,7 @@ def main():
     from data_set import encode_prompt, read_rows
     from decoding import greedy_decode
     from model_family import CHATGLM2, load_tokenizer
-    from prediction import left_pad
+    from decoding import left_pad
     from tools.make_tiny_model import build_tiny_model
     from training_options import DEFAULT_PROMPT
     bench_gpu.TINY, bench_gpu.FAMILY = args.tiny, "chatglm2"

@@ -86,7 +86,7 @@ def training(method, compiled):
 
 
 def decode():
-    from prediction import left_pad
+    from decoding import left_pad
     config = official_config()
     model = build_model(config, torch.bfloat16).eval()
     prompt = [[20100] * 200 + [config.gmask_token_id, config.bos_token_id]]
@@ -112,7 +112,7 @@ def static_decode(family, batch=50):
     kernels), for the ChatGLM-6B or ChatGLM2/3-6B size; the prompts have the spo test lengths."""
     import bench_gpu
     from decoding import StaticDecoder
-    from prediction import left_pad
+    from decoding import left_pad
     bench_gpu.FAMILY = family
     config = bench_gpu.official_config()
     model = build_model(config, torch.bfloat16).eval()

@@ -4,7 +4,7 @@ import torch
 
 from decoding import SlotDecoder, StaticKVCache, greedy_decode
 from model_family import family_for, load_model, load_tokenizer
-from prediction import left_pad
+from decoding import left_pad
 
 PROMPT_MODES = {"plain": {}, "prefix": {"pre_seq_len": 3}, "projection": {"pre_seq_len": 3, "prefix_projection": True},
                 "embedding_only": {"pre_seq_len": 3, "prompt_embedding_only": True}}

@@ -28,7 +28,7 @@ def transformers_model(folder, family_name):
 def prompt_batch(folder):
     """Three prompts of different lengths, left-padded, with the positions transformers' generate() gives them."""
     from model_family import family_for, load_tokenizer
-    from prediction import left_pad
+    from decoding import left_pad
     family, tokenizer = family_for(folder), load_tokenizer(folder)
     prompts = [family.build_prompt_ids(tokenizer, tokenizer.encode(text, add_special_tokens=False))
                for text, _ in ROWS]
