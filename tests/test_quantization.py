@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import MODES, ROOT, launch, launch_all, memorise_args, metrics_of
+from conftest import MODES, launch, launch_all, memorise_args, metrics_of
 
 
 def reference_quantize(weight_fp16, bits):
