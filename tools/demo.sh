@@ -10,7 +10,7 @@ cd "$(dirname "$0")/.."
 out=${DEMO_DIR:-demo_output}
 epochs=${DEMO_EPOCHS:-30}
 echo "demo: a tiny random ChatGLM-6B stand-in is built, LoRA-trained for $epochs epochs of data/ and scored on" \
-     "data/spo_test.jsonl, into $out/ (about 3.5 minutes on an idle 2-core CPU, most of it the training; far longer" \
+     "data/spo_test.jsonl, into $out/ (2.5-3.5 minutes on an idle 2-core CPU, most of it the training; far longer" \
      "when other work shares the cores)"
 if ! python3 -c "import torch" 2>/dev/null; then
     echo "Installing requirements first (pip install -r requirements.txt) ..."
